@@ -1,0 +1,17 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="minimind",
+    version="0.1.0",
+    description="Train small language models from scratch in plain PyTorch: tokenizer, pretraining, SFT, LoRA, "
+                "DPO, evaluation, chat and an OpenAI-compatible server.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["minimind", "minimind.*"]),
+    package_data={"minimind": ["default_tokenizer/*.json", "static/*"]},
+    install_requires=["torch>=2.5", "tokenizers>=0.19", "numpy", "swanlab", "tqdm", "safetensors"],
+    extras_require={
+        "test": ["pytest"],
+    },
+)

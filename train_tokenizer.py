@@ -1,0 +1,68 @@
+"""Train a byte-level BPE tokenizer on JSONL text (any of the pretrain / sft / dpo formats).
+
+    python train_tokenizer.py --data_path dataset/default/pretrain.jsonl --vocab_size 6400 --out_dir out/tokenizer
+
+The result (tokenizer.json + tokenizer_config.json) is what train_pretrain.py --tokenizer reads. A tokenizer
+trained by this script on the default data ships in minimind/default_tokenizer, so this step is optional.
+"""
+import argparse
+import json
+import os
+
+from minimind import cli
+from minimind.checkpoint import atomic_dir
+from minimind.data import DataError, read_jsonl
+from minimind.tokenizer import train_bpe
+
+
+def texts(paths: list[str], max_chars: int):
+    """Every string a model will see: pretrain text, and each message of sft/dpo records."""
+    seen = 0
+    for path in paths:
+        with open(path, "rb") as f:  # detect the format from the first non-blank line
+            first = next((line for line in f if line.strip()), b"{}")
+        try:
+            keys = json.loads(first)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}:1: invalid JSON") from None
+        kind = "pretrain" if "text" in keys else "sft" if "conversations" in keys else "dpo"
+        for rec in read_jsonl(path, kind):
+            if kind == "pretrain":
+                parts = [rec["text"]]
+            elif kind == "sft":
+                parts = [m["content"] for m in rec["conversations"]]
+            else:
+                parts = [m["content"] for m in rec["chosen"] + rec["rejected"][-1:]]
+            for t in parts:
+                yield t
+                seen += len(t)
+                if max_chars and seen >= max_chars:
+                    return
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data_path", nargs="+", default=["dataset/default/pretrain.jsonl"],
+                   help="one or more JSONL files")
+    p.add_argument("--out_dir", default="out/tokenizer", help="where to write tokenizer.json")
+    p.add_argument("--vocab_size", type=int, default=6400, help="vocabulary size, special tokens included")
+    p.add_argument("--min_frequency", type=int, default=2, help="a pair must occur this often to be merged")
+    p.add_argument("--max_chars", type=int, default=0, help="read at most this many characters (0 = all)")
+    args = p.parse_args()
+    if args.vocab_size < 259:
+        raise cli.UsageError("--vocab_size must be at least 259 (256 bytes + 3 special tokens)")
+    for path in args.data_path:
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: no such file (build the default data with: python dataset/build_default.py)")
+
+    tokenizer = train_bpe(texts(args.data_path, args.max_chars), args.vocab_size, args.min_frequency)
+    with atomic_dir(args.out_dir) as tmp:
+        tokenizer.save(tmp)
+    sample = "def hello():\n    print('你好, world!')"
+    ids = tokenizer.encode(sample)
+    print(f"saved {args.out_dir}: vocab {tokenizer.vocab_size} | {len(sample)} chars -> {len(ids)} tokens on "
+          f"{sample!r} | round trip {'ok' if tokenizer.decode(ids) == sample else 'FAILED'}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
