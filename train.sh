@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The whole pipeline, one stage after another; each stage's output directory is the next stage's input:
+#   build data -> train tokenizer -> pretrain -> SFT -> DPO -> chat with the result.
+#
+#   bash train.sh                       # embedded offline demo: tiny model, ~10 minutes on a 2-core CPU
+#   bash train.sh --quick               # the same pipeline in about a minute (what the tests run)
+#   bash train.sh --preset 64M --pretrain_data dataset/minimind/pretrain_hq.jsonl \
+#        --sft_data dataset/minimind/sft_mini_512.jsonl --dpo_data dataset/minimind/dpo.jsonl   # a real run
+#
+# Every flag after `--` goes to every train_*.py (e.g. `-- --device cuda --use_compile 1`).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PRESET=tiny
+OUT=out
+PRETRAIN_DATA=""; SFT_DATA=""; DPO_DATA=""
+QUICK=0
+EXTRA=()
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; cat <<'EOF'
+flags:
+  --preset NAME          model size: tiny (default), 26M, 64M, 104M, moe   (see minimind/config.py)
+  --pretrain_data FILE   pretraining JSONL ({"text": ...});       default: the embedded demo data
+  --sft_data FILE        SFT JSONL ({"conversations": [...]});   default: the embedded demo data
+  --dpo_data FILE        DPO JSONL ({"chosen": [...], "rejected": [...]}); default: the embedded demo data
+  --out DIR              where the stage directories go (default: out)
+  --quick                tiny data and a few steps: checks the whole pipeline in about a minute
+EOF
+}
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --preset) PRESET="$2"; shift 2 ;;
+    --pretrain_data) PRETRAIN_DATA="$2"; shift 2 ;;
+    --sft_data) SFT_DATA="$2"; shift 2 ;;
+    --dpo_data) DPO_DATA="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    --quick) QUICK=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) echo "error: unknown flag $1 (see bash train.sh --help)" >&2; exit 2 ;;
+  esac
+done
+PY=${PYTHON:-python3}
+stage() { echo; echo "=== $1 ($(date +%H:%M:%S))"; }
+t_start=$(date +%s)
+
+# --- 1. data ----------------------------------------------------------------------------------------------------
+DEMO=0
+if [[ -z "$PRETRAIN_DATA$SFT_DATA$DPO_DATA" ]]; then
+  DEMO=1
+  DATA_DIR=dataset/default; [[ $QUICK == 1 ]] && DATA_DIR="$OUT/data-quick"
+  stage "1/6 build the embedded default dataset from CPython's documentation -> $DATA_DIR"
+  $PY dataset/build_default.py --out_dir "$DATA_DIR" $([[ $QUICK == 1 ]] && echo --tiny)
+  PRETRAIN_DATA=$DATA_DIR/pretrain.jsonl; SFT_DATA=$DATA_DIR/sft.jsonl; DPO_DATA=$DATA_DIR/dpo.jsonl
+else
+  for f in "$PRETRAIN_DATA" "$SFT_DATA" "$DPO_DATA"; do
+    [[ -f "$f" ]] || { echo "error: --pretrain_data, --sft_data and --dpo_data must all be given as existing files (missing: '${f}')" >&2; exit 2; }
+  done
+fi
+
+# Step budgets. The demo is sized for ~10 minutes on a 2-core CPU (a GPU finishes it in seconds);
+# a real run (your own data) goes by epochs instead, with MiniMind's usual batch sizes.
+if [[ $QUICK == 1 ]]; then
+  PRE=(--max_steps 30 --batch_size 8 --max_seq_len 128 --learning_rate 2e-3)
+  SFT=(--max_steps 20 --batch_size 8 --max_seq_len 256 --learning_rate 1e-3)
+  DPO=(--max_steps 5 --batch_size 4 --max_seq_len 256 --learning_rate 1e-5)
+elif [[ $DEMO == 1 ]]; then
+  PRE=(--epochs 1 --max_steps 500 --batch_size 16 --max_seq_len 256 --learning_rate 2e-3 --warmup_iters 20)
+  SFT=(--epochs 2 --max_steps 300 --batch_size 16 --max_seq_len 256 --learning_rate 1e-3 --warmup_iters 10)
+  DPO=(--epochs 1 --max_steps 60 --batch_size 8 --max_seq_len 256 --learning_rate 1e-5)
+else
+  PRE=(--epochs 1 --batch_size 32 --max_seq_len 340 --learning_rate 5e-4 --warmup_iters 1000 --save_interval 1000)
+  SFT=(--epochs 2 --batch_size 16 --max_seq_len 512 --learning_rate 5e-5 --warmup_iters 100 --save_interval 1000)
+  DPO=(--epochs 1 --batch_size 4 --max_seq_len 1024 --learning_rate 1e-6 --save_interval 1000)
+fi
+
+# --- 2. tokenizer -----------------------------------------------------------------------------------------------
+stage "2/6 train the BPE tokenizer -> $OUT/tokenizer"
+$PY train_tokenizer.py --data_path "$PRETRAIN_DATA" --out_dir "$OUT/tokenizer" --vocab_size 6400 \
+    $([[ $DEMO == 0 ]] && echo --max_chars 200000000)
+
+# --- 3-5. training stages -----------------------------------------------------------------------------------------
+stage "3/6 pretrain ($PRESET) -> $OUT/pretrain"
+$PY train_pretrain.py --preset "$PRESET" --tokenizer "$OUT/tokenizer" --data_path "$PRETRAIN_DATA" \
+    --out_dir "$OUT/pretrain" "${PRE[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+stage "4/6 supervised fine-tuning -> $OUT/sft"
+$PY train_full_sft.py --from_weight "$OUT/pretrain" --data_path "$SFT_DATA" --out_dir "$OUT/sft" \
+    "${SFT[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+stage "5/6 DPO -> $OUT/dpo"
+$PY train_dpo.py --from_weight "$OUT/sft" --data_path "$DPO_DATA" --out_dir "$OUT/dpo" \
+    "${DPO[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+
+# --- 6. talk to it ----------------------------------------------------------------------------------------------
+stage "6/6 chat: fixed demo prompts, greedy decoding"
+$PY eval_model.py --load_from "$OUT/dpo" --prompts --max_new_tokens $([[ $QUICK == 1 ]] && echo 24 || echo 96)
+echo
+echo "done in $(( $(date +%s) - t_start )) s. Chat yourself: python eval_model.py --load_from $OUT/dpo"
