@@ -25,6 +25,16 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tests use tiny tensors: on 2 shared cores, one intra-op thread is many times faster than two."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _token_cache(tmp_path_factory):
     """Keep pre-tokenized caches out of the user's home directory."""
     os.environ["MINIMIND_CACHE"] = str(tmp_path_factory.mktemp("token-cache"))
