@@ -1,7 +1,7 @@
 """Model configuration: one dataclass whose field names are Hugging Face's config.json names.
 
-Because the names match, saving is `json.dump(asdict(cfg))` and loading a Qwen3/Llama/Qwen2 `config.json`
-is a dict copy (unknown keys are ignored). Presets give the sizes used in the docs and tutorials.
+The names match, but some meanings do not (Qwen3's `attention_bias` also biases o_proj; Qwen2 always has q/k/v
+biases), so config.json files go through hf.py both ways. Presets give the sizes used in the docs and tutorials.
 """
 from __future__ import annotations
 
@@ -68,8 +68,10 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str) -> "ModelConfig":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """Any config.json: ours (save() or a model directory's), transformers' (Qwen3, Qwen3-MoE, Qwen2, Llama) or
+        MiniMind's. Keys are translated, not copied (e.g. Qwen3's attention_bias also covers o_proj): see hf.py."""
+        from .hf import read_config_file  # late import: hf.py imports this module
+        return read_config_file(path)
 
     # --- size ---------------------------------------------------------------------------------------------
     def num_parameters(self) -> int:
