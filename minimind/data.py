@@ -10,6 +10,7 @@ That makes exact resume a matter of remembering two integers, and DDP sharding a
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -48,6 +49,8 @@ def _check_messages(msgs, where: str, field: str) -> None:
             raise DataError(f"{where}: {field}[{i}] has role {m['role']!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
             raise DataError(f"{where}: {field}[{i}] content must be a string")
+        if m.get("reasoning_content") is not None and not isinstance(m["reasoning_content"], str):
+            raise DataError(f"{where}: {field}[{i}] reasoning_content must be a string")
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError(f"{where}: '{field}' has no assistant turn to learn from")
 
@@ -76,8 +79,11 @@ def validate(obj, kind: str, where: str) -> None:
         raise ValueError(f"unknown data kind {kind!r}")
 
 
-def read_jsonl(path: str, kind: str, progress: bool = True):
-    """Yield validated records from a JSONL file; stop with DataError('FILE:LINE: ...') on the first bad line."""
+def read_jsonl(path: str, kind: str, progress: bool = True, with_lines: bool = False):
+    """Yield validated records from a JSONL file; stop with DataError('FILE:LINE: ...') on the first bad line.
+
+    with_lines: yield (line number, raw line bytes, record) instead, for tools that copy lines unchanged.
+    """
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     size = os.path.getsize(path)
@@ -93,7 +99,7 @@ def read_jsonl(path: str, kind: str, progress: bool = True):
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
             validate(obj, kind, where)
-            yield obj
+            yield (lineno, raw, obj) if with_lines else obj
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,33 +170,77 @@ class PackedWindows:
 # ---------------------------------------------------------------------------------------------------------------
 # SFT and DPO: render conversations to ids + assistant-only labels
 # ---------------------------------------------------------------------------------------------------------------
-def sft_example(tokenizer: Tokenizer, messages: list[dict], max_seq_len: int, last_reply_only: bool = False):
+REASONING = ("keep", "drop")
+
+
+def with_reasoning(messages: list[dict], reasoning: str = "keep") -> list[dict]:
+    """Fold each assistant turn's `reasoning_content` into its reply, the way MiniMind-3's chat template does:
+
+        <think>\n{reasoning}\n</think>\n\n{content}
+
+    keep: the thinking becomes part of the supervised reply (the model learns to think before answering).
+    drop: the field is ignored (the model learns the answer alone). Turns without the field are unchanged.
+    """
+    if reasoning not in REASONING:
+        raise ValueError(f"reasoning must be one of {REASONING}, got {reasoning!r}")
+    if reasoning == "drop":
+        return messages
+    out = []
+    for m in messages:
+        thought = m.get("reasoning_content")
+        if m["role"] == "assistant" and isinstance(thought, str):
+            m = {**m, "content": "<think>\n" + thought.strip("\n") + "\n</think>\n\n" + m["content"].lstrip("\n")}
+        out.append(m)
+    return out
+
+
+def _render_example(tokenizer: Tokenizer, messages: list[dict], max_seq_len: int, last_reply_only: bool,
+                    reasoning: str):
+    """(ids, targets, truncated) or None. See sft_example for the rules."""
+    ids, mask = tokenizer.render_chat(with_reasoning(messages, reasoning), last_reply_only=last_reply_only)
+    targets = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
+    # Positions after the last supervised target (the '\n' after the final <|im_end|>, a trailing user turn)
+    # teach nothing: drop them, so packing spends no window space on them.
+    end = len(targets)
+    while end and targets[end - 1] == IGNORE:
+        end -= 1
+    truncated = end > max_seq_len          # some supervised token lies beyond the window: the reply is cut
+    end = min(end, max_seq_len)
+    if end == 0 or all(t == IGNORE for t in targets[:end]):
+        return None
+    return ids[:end], targets[:end], truncated
+
+
+def sft_example(tokenizer: Tokenizer, messages: list[dict], max_seq_len: int, last_reply_only: bool = False,
+                reasoning: str = "keep"):
     """(input ids, targets) for one conversation, or None if nothing supervised survives truncation.
 
-    targets[t] = ids[t+1] where token t+1 is part of an assistant reply, else -100 (no loss on prompts).
-    Truncation keeps the first max_seq_len+1 tokens; a reply cut at the end still trains on its first part.
+    targets[t] = ids[t+1] where token t+1 is part of an assistant reply (its <|im_end|> included), else -100.
+    Truncation policy: a conversation longer than max_seq_len is cut at the END: the last reply loses its tail
+    and its <|im_end|> (callers count these: Example.truncated); one with no supervised token left is dropped.
     last_reply_only: supervise only the final reply (DPO: earlier turns are part of the prompt).
+    reasoning: 'keep' or 'drop' the assistant turns' `reasoning_content` (see with_reasoning).
     """
-    ids, mask = tokenizer.render_chat(messages, last_reply_only=last_reply_only)
-    ids, mask = ids[:max_seq_len + 1], mask[:max_seq_len + 1]
-    targets = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
-    if all(t == IGNORE for t in targets):
-        return None
-    return ids[:-1], targets
+    ex = _render_example(tokenizer, messages, max_seq_len, last_reply_only, reasoning)
+    return None if ex is None else ex[:2]
 
 
 @dataclass
 class Example:
     ids: list[int]
     targets: list[int]
+    truncated: bool = False  # the conversation was longer than max_seq_len and lost supervised tokens
 
 
-def load_sft(path: str, tokenizer: Tokenizer, max_seq_len: int) -> tuple[list[Example], int]:
-    """All SFT examples of a file, and how many were dropped because no reply fit in max_seq_len."""
+def load_sft(path: str, tokenizer: Tokenizer, max_seq_len: int, reasoning: str = "keep") -> tuple[list[Example], int]:
+    """All SFT examples of a file, and how many were dropped because no reply fit in max_seq_len.
+
+    Examples cut at max_seq_len (reply tail lost) are kept and flagged: sum(e.truncated for e in examples).
+    """
     examples, dropped = [], 0
     for rec in tqdm(read_jsonl(path, "sft", progress=False), desc=f"tokenize {os.path.basename(path)}",
                     unit=" conv", leave=False):
-        ex = sft_example(tokenizer, rec["conversations"], max_seq_len)
+        ex = _render_example(tokenizer, rec["conversations"], max_seq_len, False, reasoning)
         if ex is None:
             dropped += 1
         else:
@@ -200,13 +250,14 @@ def load_sft(path: str, tokenizer: Tokenizer, max_seq_len: int) -> tuple[list[Ex
     return examples, dropped
 
 
-def load_dpo(path: str, tokenizer: Tokenizer, max_seq_len: int) -> tuple[list[tuple[Example, Example]], int]:
+def load_dpo(path: str, tokenizer: Tokenizer, max_seq_len: int,
+             reasoning: str = "keep") -> tuple[list[tuple[Example, Example]], int]:
     """(chosen, rejected) example pairs; a pair is dropped if either side has nothing supervised left."""
     pairs, dropped = [], 0
     for rec in tqdm(read_jsonl(path, "dpo", progress=False), desc=f"tokenize {os.path.basename(path)}",
                     unit=" pair", leave=False):
-        c = sft_example(tokenizer, rec["chosen"], max_seq_len, last_reply_only=True)
-        r = sft_example(tokenizer, rec["rejected"], max_seq_len, last_reply_only=True)
+        c = _render_example(tokenizer, rec["chosen"], max_seq_len, True, reasoning)
+        r = _render_example(tokenizer, rec["rejected"], max_seq_len, True, reasoning)
         if c is None or r is None:
             dropped += 1
         else:
@@ -225,6 +276,110 @@ def pad_batch(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch
         x[i, :len(e.ids)] = torch.tensor(e.ids)
         y[i, :len(e.targets)] = torch.tensor(e.targets)
     return x, y
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFT without padding waste: pack conversations into windows (document masking), or group by length
+# ---------------------------------------------------------------------------------------------------------------
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing: item indices grouped into bins whose lengths sum to <= capacity.
+
+    Longest items first; each goes into the open bin with the LEAST room that still fits it (a new bin if none).
+    Deterministic (ties broken by index). Open bins are kept in buckets keyed by their room, with a sorted list of
+    the rooms present, so each item costs one binary search: a million conversations pack in seconds.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    by_room: dict[int, list[int]] = {}    # room left -> open bins with exactly that room
+    rooms: list[int] = []                 # sorted rooms that have at least one open bin
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"item {i} has length {n} > capacity {capacity}")
+        k = bisect.bisect_left(rooms, n)
+        if k < len(rooms):                # best fit: the tightest bin that still has room
+            room = rooms[k]
+            b = by_room[room].pop()
+            if not by_room[room]:
+                del by_room[room]
+                rooms.pop(k)
+        else:                             # nothing fits: open a new bin
+            b, room = len(bins), capacity
+            bins.append([])
+        bins[b].append(i)
+        room -= n
+        if room > 0:
+            if room not in by_room:
+                by_room[room] = []
+                bisect.insort(rooms, room)
+            by_room[room].append(b)
+    return bins
+
+
+class PackedConversations:
+    """--packing 1: conversations packed into fixed windows of seq_len tokens, packed once, shuffled by Sampler.
+
+    get(window indices) -> (x, y, doc_ids), each (B, seq_len). doc_ids numbers the conversations inside a window
+    (0, 1, 2, ...; -1 on the padding left at its end). The model turns doc_ids into document masking (a token
+    attends only to earlier tokens of ITS conversation) and positions that restart at 0 per conversation, so each
+    conversation is computed exactly as if it were alone. Targets come from each conversation on its own: a
+    conversation's last token never predicts the next conversation's first.
+    """
+
+    def __init__(self, examples: list[Example], seq_len: int, pad_id: int):
+        self.examples, self.seq_len, self.pad_id = examples, seq_len, pad_id
+        self.windows = pack([len(e.ids) for e in examples], seq_len)
+
+    def __len__(self):
+        return len(self.windows)
+
+    def get(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T = len(indices), self.seq_len
+        x = np.full((B, T), self.pad_id, dtype=np.int64)
+        y = np.full((B, T), IGNORE, dtype=np.int64)
+        doc = np.full((B, T), -1, dtype=np.int64)
+        for row, w in enumerate(indices):
+            pos = 0
+            for d, i in enumerate(self.windows[w]):
+                e = self.examples[i]
+                n = len(e.ids)
+                x[row, pos:pos + n] = e.ids
+                y[row, pos:pos + n] = e.targets
+                doc[row, pos:pos + n] = d
+                pos += n
+        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(doc)
+
+    def stats(self) -> dict:
+        """Share of window positions that hold real tokens / supervised targets."""
+        cells = len(self.windows) * self.seq_len
+        real = sum(len(e.ids) for e in self.examples)
+        supervised = sum(sum(t != IGNORE for t in e.targets) for e in self.examples)
+        return {"windows": len(self.windows), "real": real / cells, "supervised": supervised / cells}
+
+
+class LengthGroupedBatches:
+    """--packing 0: batches of conversations of similar length, each padded only to its own longest.
+
+    Groups are fixed (sorted by length, cut every batch_size), and Sampler shuffles their order per epoch:
+    address group g with Sampler(len(groups), 1, ...). get([g, ...]) -> (x, y) padded on the right.
+    """
+
+    def __init__(self, examples: list[Example], batch_size: int, pad_id: int):
+        self.examples, self.pad_id = examples, pad_id
+        order = sorted(range(len(examples)), key=lambda i: (len(examples[i].ids), i))
+        self.groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+    def __len__(self):
+        return len(self.groups)
+
+    def get(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_batch([self.examples[i] for g in indices for i in self.groups[g]], self.pad_id)
+
+    def stats(self) -> dict:
+        cells = sum(len(g) * max(len(self.examples[i].ids) for i in g) for g in self.groups)
+        real = sum(len(e.ids) for e in self.examples)
+        supervised = sum(sum(t != IGNORE for t in e.targets) for e in self.examples)
+        return {"batches": len(self.groups), "real": real / cells, "supervised": supervised / cells}
 
 
 # ---------------------------------------------------------------------------------------------------------------

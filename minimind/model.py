@@ -15,6 +15,11 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .loss import cross_entropy
 
+try:  # FlexAttention (torch >= 2.5): attention with a mask_mod, compiled into a kernel that skips masked-out tiles
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # older torch: document masking falls back to SDPA with a dense boolean mask
+    BlockMask = create_block_mask = flex_attention = None
+
 
 class RMSNorm(nn.Module):
     """RMSNorm: scale each vector to unit root-mean-square, then by a learned gain (no mean, no bias)."""
@@ -25,7 +30,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()  # the mean of squares in low precision loses too much; do it in fp32
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # mean of squares in fp32 at least (fp64 stays fp64)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -142,9 +147,16 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(mask, DocumentSegments):  # packed documents, each attended on its own (see document_mask)
+            return self.o_proj(mask.attention(q, k, v, self.dropout if self.training else 0.0).reshape(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, heads, T, head_dim)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+        if BlockMask is not None and isinstance(mask, BlockMask):  # packed documents (see document_mask)
+            if self.dropout and self.training:
+                raise ValueError("FlexAttention has no attention dropout: build the mask with backend='varlen'")
+            y = _flex_attention(q, k, v, mask, self.n_kv != self.n_heads)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         # SDPA picks a fused kernel (flash / memory-efficient) when it can; enable_gqa avoids copying K/V per group.
         # mask=None with is_causal means plain causal attention over a fresh sequence (the training fast path).
         y = F.scaled_dot_product_attention(
@@ -181,7 +193,7 @@ class MoE(nn.Module):
     def forward(self, x):
         B, T, H = x.shape
         x = x.reshape(-1, H)
-        probs = self.gate(x).float().softmax(dim=-1)                 # (N, E) router probabilities
+        probs = self.gate(x).to(torch.promote_types(x.dtype, torch.float32)).softmax(dim=-1)  # (N, E), fp32+
         weights, chosen = probs.topk(self.top_k, dim=-1)             # (N, k)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -243,6 +255,114 @@ def build_attention_mask(T: int, start: int, attention_mask: torch.Tensor | None
     return mask
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Document masking: several conversations packed in one row must not see each other.
+# ---------------------------------------------------------------------------------------------------------------
+class DocumentSegments:
+    """Varlen attention without a varlen kernel: cut packed rows into their documents, batch documents of similar
+    length together (lengths rounded up to a multiple of `multiple`, padded on the right), run plain causal SDPA
+    on each such batch, and put the outputs back in place. Work ~ sum(len_doc^2) instead of T^2 per row, and no
+    (B, T, T) mask in memory. Right padding is harmless under a causal mask: real queries never see it.
+    Its shapes change with every batch, so torch.compile leaves it out of the graph (it runs eagerly).
+    """
+
+    @torch.compiler.disable
+    def __init__(self, doc_ids: torch.Tensor, multiple: int = 32):
+        B, T = doc_ids.shape
+        flat = doc_ids.reshape(-1)
+        first = torch.ones_like(flat, dtype=torch.bool)                    # where a document starts
+        first[1:] = flat[1:] != flat[:-1]
+        first[::T] = True                                                  # documents never span two rows
+        starts = first.nonzero().squeeze(1)
+        lengths = torch.diff(starts, append=starts.new_tensor([B * T]))
+        padded = (lengths + multiple - 1) // multiple * multiple
+        self.groups = []                                                   # (documents, L) token indices
+        where = torch.empty(B * T, dtype=torch.long, device=flat.device)   # token -> row of the concatenated output
+        offset = 0
+        for L in padded.unique().tolist():
+            sel = (padded == L).nonzero().squeeze(1)
+            ar = torch.arange(L, device=flat.device)
+            idx = starts[sel, None] + ar
+            valid = ar < lengths[sel, None]
+            self.groups.append(torch.where(valid, idx, starts[sel, None]))  # padding re-reads a real token
+            where[idx[valid]] = offset + torch.arange(idx.numel(), device=flat.device).view_as(idx)[valid]
+            offset += idx.numel()
+        self.where = where
+
+    @torch.compiler.disable
+    def attention(self, q, k, v, dropout: float = 0.0):
+        """q (B, T, heads, d), k/v (B, T, kv_heads, d) -> (B, T, heads, d)."""
+        B, T = q.shape[:2]
+        qf, kf, vf = (t.reshape(B * T, *t.shape[2:]) for t in (q, k, v))
+        outs = []
+        for idx in self.groups:  # (n, L, heads, d) -> (n, heads, L, d) for SDPA
+            qs, ks, vs = (t[idx].transpose(1, 2) for t in (qf, kf, vf))
+            y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, dropout_p=dropout,
+                                               enable_gqa=ks.shape[1] != qs.shape[1])
+            outs.append(y.transpose(1, 2).reshape(-1, *q.shape[2:]))
+        return torch.cat(outs)[self.where].view(q.shape)
+
+
+def document_mask(doc_ids: torch.Tensor, backend: str = "auto", dtype: torch.dtype | None = None):
+    """Block-diagonal causal mask for packed rows: query i sees key j iff doc_ids[i] == doc_ids[j] and j <= i.
+
+    doc_ids (B, T): which document (conversation) each token belongs to; runs of equal ids, -1 for padding.
+    backend 'flex': a FlexAttention BlockMask (default on CUDA): the kernel skips tiles that are fully masked,
+    so attention costs ~sum(len_doc^2), not T^2. 'varlen': DocumentSegments (default elsewhere): the same
+    saving with plain SDPA calls, one per group of similar-length documents. 'sdpa': the reference, a dense
+    boolean mask (B, 1, T, T): simple and exact, but every one of the T^2 scores is computed; with `dtype`, its
+    additive form (0 / -inf), which SDPA would otherwise rebuild in every layer.
+    Build once per batch and pass it as doc_ids to reuse it.
+    """
+    if backend == "auto":
+        backend = "flex" if doc_ids.is_cuda and flex_attention is not None else "varlen"
+    if backend == "varlen":
+        return DocumentSegments(doc_ids)
+    B, T = doc_ids.shape
+    if backend == "flex":
+        if flex_attention is None:
+            raise RuntimeError("FlexAttention needs torch >= 2.5; use backend='sdpa'")
+
+        def same_doc_causal(b, h, q, kv):
+            return (doc_ids[b, q] == doc_ids[b, kv]) & (kv <= q)
+
+        return create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device)
+    if backend != "sdpa":
+        raise ValueError(f"backend must be 'auto', 'flex', 'varlen' or 'sdpa', got {backend!r}")
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    allowed = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+    if dtype is None:
+        return allowed
+    # every row keeps its diagonal, so no row is all -inf (which would give NaN)
+    return torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device).masked_fill_(~allowed, float("-inf"))
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids that restart at 0 where a new document starts: RoPE sees each document as if alone.
+
+    [[0,0,0,1,1,-1]] -> [[0,1,2,0,1,0]]: position = index - index of the document's first token.
+    """
+    B, T = doc_ids.shape
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first
+
+
+_compiled_flex = None
+
+
+def _flex_attention(q, k, v, block_mask, enable_gqa: bool):
+    """FlexAttention, compiled on GPU (uncompiled it materialises every score); eager elsewhere (tests)."""
+    global _compiled_flex
+    if q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
 class MiniMindForCausalLM(nn.Module):
     """The language model: decoder + output head. forward() returns logits, or the loss when given targets."""
 
@@ -264,18 +384,36 @@ class MiniMindForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                logits_to_keep: int = 0):
+                logits_to_keep: int = 0, doc_ids=None):
         """input_ids (B, T). targets (B, T): the token that should follow each position, -100 = no loss there.
 
         cache: a KVCache to read past keys from and append to. attention_mask (B, cache+T): 1 real, 0 padding.
         logits_to_keep: return logits for only the last N positions (generation needs only the last).
+        doc_ids (B, T): packed rows, document id per token (see document_mask); attention stays inside each
+        document and positions restart per document. May also be a mask already built by document_mask()
+        (then pass position_ids too, e.g. document_positions(doc_ids)).
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
+        packed_ids = torch.is_tensor(doc_ids) and doc_ids.dim() == 2    # ids (B, T), not a mask built already
+        if doc_ids is not None and not packed_ids and position_ids is None:
+            raise ValueError("a prebuilt document mask needs position_ids=document_positions(doc_ids)")
         if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            if packed_ids:
+                position_ids = document_positions(doc_ids)
+            else:
+                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         cos, sin = self.model.rotary(position_ids)
-        mask = build_attention_mask(T, start, attention_mask, input_ids.device)
+        if doc_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("doc_ids (packed training rows) cannot be combined with a KV cache or attention_mask")
+            # dropout is not supported by FlexAttention: use per-document SDPA when it is active
+            backend = "varlen" if self.config.dropout and self.training else "auto"
+            dev = input_ids.device.type
+            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.model.norm.weight.dtype
+            mask = document_mask(doc_ids, backend, dt) if packed_ids else doc_ids
+        else:
+            mask = build_attention_mask(T, start, attention_mask, input_ids.device)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, mask)
