@@ -1,0 +1,434 @@
+"""OpenAI-compatible HTTP server: POST /v1/chat/completions (streaming or not), GET /v1/models, a web chat at /.
+
+    pip install -e .[serve]
+    python serve_openai_api.py --load_from out/sft                 # http://127.0.0.1:8998/
+
+Concurrency: continuous batching. One worker thread owns the model and an Engine (minimind.generate) with
+--max_batch_size slots. Requests wait in a FIFO queue and join the running batch as soon as a slot is free (their
+prompts are prefilled together); a request leaves the batch the moment it finishes, hits a stop string, or its
+client disconnects, and its slot goes to the next in line. Each request keeps its own sampling settings and
+random stream, so a batch-mate never changes what it gets.
+
+Built on FastAPI + uvicorn (the optional `serve` extra); the rest of the library does not need them.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import torch
+
+from .generate import Engine, SamplingParams, TextStream
+from .tokenizer import Tokenizer
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(f"the server needs the 'serve' extra ({e.name} is missing): pip install -e .[serve]") from e
+
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Request schema (OpenAI's fields; strict types, so a string where a number belongs is a 400, not a guess)
+# ---------------------------------------------------------------------------------------------------------------
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """Fields we do not use (logprobs, tools, user, ...) are ignored, as long as the JSON is an object."""
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=2**31 - 1)     # extension (vLLM's name)
+    repetition_penalty: float | None = Field(None, gt=0)    # extension (vLLM's name)
+    stop: Union[str, list[str], None] = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)   # what torch.Generator accepts
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The scheduler: one worker thread, one Engine, many requests
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    prompt: list[int]
+    params: SamplingParams
+    stop: list[str]
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    completion_tokens: int = 0
+    stream: TextStream | None = None
+
+    def send(self, item) -> None:
+        """Hand an event to the request's coroutine (called from the worker thread)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:   # the event loop is gone (server shutting down)
+            self.cancelled = True
+
+
+class Scheduler:
+    """Continuous batching over an Engine: admit waiting jobs into free slots, decode one step, repeat."""
+
+    def __init__(self, model, tokenizer: Tokenizer, max_batch_size: int = 16, max_seq_len: int = 2048,
+                 compile: bool = False):
+        self.tokenizer = tokenizer
+        self.context = min(max_seq_len, model.config.max_position_embeddings)
+        self.engine = Engine(model, max_batch_size, self.context, compile=compile)
+        self.waiting: deque[Job] = deque()
+        self.running: dict[int, Job] = {}    # slot -> job
+        self.cond = threading.Condition()
+        self.closed = False
+        self.step_hook = None                 # tests: called before each decode step
+        self.thread = threading.Thread(target=self._work, name="minimind-scheduler", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        job.stream = TextStream(self.tokenizer, job.stop)
+        with self.cond:
+            self.waiting.append(job)
+            self.cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        with self.cond:
+            job.cancelled = True
+            self.cond.notify()
+
+    def stats(self) -> dict:
+        with self.cond:
+            return {"running": len(self.running), "waiting": len(self.waiting),
+                    "slots": self.engine.batch_size, "context": self.context}
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join(timeout=10)
+
+    # --- worker thread ------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.cond:
+                while not self.closed and not self.waiting and not self.running:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                for slot, job in list(self.running.items()):   # clients that went away free their slot now
+                    if job.cancelled:
+                        self.engine.release(slot)
+                        del self.running[slot]
+                admit = []
+                free = len(self.engine.free_slots())
+                while self.waiting and len(admit) < free:
+                    job = self.waiting.popleft()
+                    if not job.cancelled:
+                        admit.append(job)
+            try:
+                events = []
+                if admit:
+                    events = self.engine.add([j.prompt for j in admit], [j.params for j in admit])
+                    with self.cond:
+                        for j, e in zip(admit, events):
+                            self.running[e.slot] = j
+                if self.running:
+                    if self.step_hook:
+                        self.step_hook()
+                    # rows that finished in add() are not running any more; step() only decodes busy slots
+                    events += self.engine.step()
+                self._deliver(events)
+            except Exception as e:  # a bug or out of memory: fail the jobs in flight, keep serving
+                with self.cond:
+                    jobs = {id(j): j for j in [*self.running.values(), *admit]}
+                    for slot in list(self.running):
+                        self.engine.release(slot)
+                    self.running.clear()
+                for j in jobs.values():
+                    j.send(("error", f"generation failed: {type(e).__name__}: {e}"))
+
+    def _deliver(self, events) -> None:
+        for e in events:
+            job = self.running.get(e.slot)
+            if job is None:
+                continue
+            piece, reason = "", e.finish_reason
+            if e.token is not None:
+                job.completion_tokens += 1
+                piece = job.stream.push(e.token)
+                if job.stream.stopped:        # a stop string: end this reply, free the slot
+                    reason = "stop"
+                    if not e.finish_reason:
+                        self.engine.release(e.slot)
+            if reason and not job.stream.stopped:
+                piece += job.stream.flush()
+            if piece:
+                job.send(("text", piece))
+            if reason:
+                with self.cond:
+                    self.running.pop(e.slot, None)
+                job.send(("done", reason))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The HTTP app
+# ---------------------------------------------------------------------------------------------------------------
+def create_app(model, tokenizer: Tokenizer, model_name: str = "minimind", max_batch_size: int = 16,
+               max_seq_len: int = 2048, default_temperature: float = 0.7, default_top_p: float = 1.0,
+               compile: bool = False) -> FastAPI:
+    """The FastAPI app serving one loaded model. app.state.scheduler is the batching worker."""
+    sched = Scheduler(model, tokenizer, max_batch_size, max_seq_len, compile)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        sched.close()   # server shutting down: stop the worker thread
+
+    app = FastAPI(title="minimind", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.scheduler = sched
+    created = int(time.time())
+    stops = (tokenizer.eos_id, tokenizer.pad_id)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        err = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        msg = err.get("msg", "invalid request")
+        if err.get("type") == "json_invalid":
+            msg = f"the request body is not valid JSON ({err.get('ctx', {}).get('error', msg)})"
+        elif param:
+            msg = f"{param}: {msg}"
+        return APIError(400, msg, param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return APIError(exc.status_code, str(exc.detail), kind="not_found_error" if exc.status_code == 404
+                        else "invalid_request_error").response()
+
+    @app.get("/")
+    async def index():
+        return FileResponse(os.path.join(STATIC, "index.html"), media_type="text/html")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **sched.stats()}
+
+    def model_card():
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "minimind",
+                "max_model_len": sched.context}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_info(name: str):
+        if name != model_name:
+            raise APIError(404, f"The model '{name}' does not exist", "model", "model_not_found")
+        return model_card()
+
+    def make_job(req: ChatRequest) -> Job:
+        if req.n != 1:
+            raise APIError(400, "only n=1 is supported", "n")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 16:
+            raise APIError(400, "stop: at most 16 stop strings", "stop")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        prompt, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
+        room = sched.context - len(prompt)
+        if room < 1:
+            raise APIError(400, f"This model's maximum context length is {sched.context} tokens. However, your "
+                                f"messages resulted in {len(prompt)} tokens. Please reduce the length of the "
+                                f"messages.", "messages", "context_length_exceeded")
+        want = req.max_completion_tokens or req.max_tokens or room
+        params = SamplingParams(
+            max_new_tokens=min(want, room),  # more than fits the context: stop there, finish_reason 'length'
+            temperature=default_temperature if req.temperature is None else req.temperature,
+            top_k=req.top_k or 0, top_p=default_top_p if req.top_p is None else req.top_p,
+            repetition_penalty=req.repetition_penalty or 1.0, stop_ids=stops, seed=req.seed)
+        return Job(prompt, params, stop, asyncio.get_running_loop())
+
+    def usage(job: Job) -> dict:
+        return {"prompt_tokens": len(job.prompt), "completion_tokens": job.completion_tokens,
+                "total_tokens": len(job.prompt) + job.completion_tokens}
+
+    async def next_event(job: Job, request: Request):
+        """The job's next event, or ("gone", None) once the client has disconnected (checked every second)."""
+        while True:
+            try:
+                return await asyncio.wait_for(job.queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return "gone", None
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        job = make_job(req)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        sched.submit(job)
+
+        def chunk(delta: dict, finish=None, **extra) -> str:
+            body = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def events():
+                try:
+                    yield chunk({"role": "assistant", "content": ""})
+                    while True:
+                        # (no disconnect polling here: Starlette watches the connection while it streams and
+                        # cancels this generator when the client leaves, which runs the finally below)
+                        kind, value = await job.queue.get()
+                        if kind == "text":
+                            yield chunk({"content": value})
+                        elif kind == "error":
+                            err = {"error": {"message": value, "type": "server_error", "param": None, "code": None}}
+                            yield f"data: {json.dumps(err)}\n\n"
+                            break
+                        else:
+                            yield chunk({}, value, **({"usage": None} if include_usage else {}))
+                            if include_usage:
+                                yield (f"data: {json.dumps({'id': rid, 'object': 'chat.completion.chunk', 'created': now, 'model': model_name, 'choices': [], 'usage': usage(job)})}\n\n")
+                            break
+                    yield "data: [DONE]\n\n"
+                finally:  # normal end, or the client went away (the task is cancelled): free the slot
+                    sched.cancel(job)
+
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        parts = []
+        try:
+            while True:
+                kind, value = await next_event(job, request)
+                if kind == "text":
+                    parts.append(value)
+                elif kind == "error":
+                    raise APIError(500, value, kind="server_error")
+                elif kind == "gone":
+                    return JSONResponse({"error": {"message": "client closed the request", "type": "cancelled",
+                                                   "param": None, "code": None}}, status_code=499)
+                else:
+                    finish = value
+                    break
+        finally:
+            sched.cancel(job)
+        return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                             "logprobs": None, "finish_reason": finish}],
+                "usage": usage(job)}
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Serve a model over an OpenAI-compatible HTTP API, with a web chat at /.")
+    p.add_argument("--load_from", default="out/sft", help="model directory (output of a train_*.py)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1 = this machine only; "
+                                                      "0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8998)
+    p.add_argument("--model_name", default=None, help="id reported by /v1/models (default: the directory name)")
+    p.add_argument("--max_batch_size", type=int, default=16, help="requests decoded together (KV cache slots)")
+    p.add_argument("--max_seq_len", type=int, default=2048, help="context per request: prompt + reply, in tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="used when a request does not set it")
+    p.add_argument("--top_p", type=float, default=1.0, help="used when a request does not set it")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 elsewhere) | float32 | bfloat16 | "
+                                                   "float16")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: weight-only int8 on CPU (about 3x faster decoding, slightly different outputs)")
+    p.add_argument("--use_compile", action="store_true", help="CUDA: torch.compile the decode step")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from . import cli
+    from .checkpoint import load_model
+    from .generate import inference_dtype, quantize_int8
+    from .train import pick_device
+
+    args = parse_args(argv)
+    if args.max_batch_size < 1 or args.max_seq_len < 2:
+        raise cli.UsageError("--max_batch_size must be >= 1 and --max_seq_len >= 2")
+    try:
+        import uvicorn
+    except ImportError:
+        raise cli.UsageError("the server needs uvicorn: pip install -e .[serve]") from None
+    device = pick_device(args.device)
+    dtype = inference_dtype(args.dtype, device)
+    model = load_model(args.load_from, device=device, dtype=dtype).eval()
+    if args.quantize == "int8":
+        if device.type != "cpu":
+            raise cli.UsageError("--quantize int8 is for CPU; on a GPU use --dtype bfloat16")
+        quantize_int8(model)
+    tokenizer = Tokenizer.load(args.load_from)
+    name = args.model_name or os.path.basename(os.path.abspath(args.load_from))
+    app = create_app(model, tokenizer, name, args.max_batch_size, args.max_seq_len, args.temperature, args.top_p,
+                     args.use_compile)
+    print(f"serving {args.load_from} as '{name}' on http://{args.host}:{args.port}/ "
+          f"({args.max_batch_size} slots x {app.state.scheduler.context} tokens, {device}, {dtype})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
