@@ -3,26 +3,65 @@
     python train_dpo.py --from_weight out/sft --data_path dataset/default/dpo.jsonl --out_dir out/dpo --beta 0.1
 
 The policy starts as a copy of the SFT model; a frozen copy (the reference) keeps it from drifting too far.
-Reads top to bottom: args -> setup -> policy and reference -> data -> loop -> save.
+Reads top to bottom: args -> setup -> policy and reference -> data -> resume -> loop -> save.
 """
 import argparse
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from minimind import cli
-from minimind.checkpoint import load_model, save_model
-from minimind.data import Prefetcher, Sampler, load_dpo, pad_batch
+from minimind.checkpoint import load_model, unwrap
+from minimind.data import REASONING, Prefetcher, Sampler, load_dpo, pad_batch
 from minimind.loss import dpo_loss, token_logprobs
 from minimind.tokenizer import Tokenizer
-from minimind.train import (RunLog, add_common_args, autocast, build_model, configure_optimizer, describe,
-                            init_distributed, lr_at, pick_device, pick_dtype, seed_everything, set_lr, total_steps,
-                            train_step)
+from minimind.train import (FiniteGuard, RunLog, StopRequest, add_common_args, autocast, build_model,
+                            cleanup_distributed, configure_optimizer, describe, evaluate, holdout, init_distributed,
+                            lr_at, pick_device, pick_dtype, prepare_model, resume, run_fingerprint, save_checkpoint,
+                            save_final_model, seed_everything, set_lr, setup_hardware, total_steps, train_step)
 
 
 def sequence_logprobs(model, x, y):
     """Sum of log p(reply token) over each sequence's supervised positions: (rows,)."""
     return token_logprobs(model(x), y).sum(dim=-1)
+
+
+@torch.no_grad()
+def reference_logprobs(reference, pairs, batch_size, pad_id, device, dtype) -> torch.Tensor:
+    """--precompute_ref: the reference's sequence log-probs of every pair, once, before training: (pairs, 2).
+
+    The reference never changes, so scoring each pair once is enough; training then keeps no reference model
+    in memory and spends no forward pass on it. Pairs are scored in length order to waste little padding.
+    """
+    reference.eval()
+    out = torch.zeros(len(pairs), 2)
+    order = sorted(range(len(pairs)), key=lambda i: max(len(pairs[i][0].ids), len(pairs[i][1].ids)))
+    for s in tqdm(range(0, len(order), batch_size), desc="reference log-probs", unit=" batch", leave=False):
+        chunk = order[s:s + batch_size]
+        x, y = pad_batch([pairs[i][0] for i in chunk] + [pairs[i][1] for i in chunk], pad_id)
+        with autocast(device, dtype):
+            lp = sequence_logprobs(reference, x.to(device), y.to(device)).float().cpu()
+        out[chunk, 0], out[chunk, 1] = lp[:len(chunk)], lp[len(chunk):]
+    return out
+
+
+def dpo_batch_loss(policy, reference, batch, beta: float, label_smoothing: float = 0.0, ipo: bool = False):
+    """DPO loss of one batch [chosen rows; rejected rows] (+ precomputed reference log-probs as a third item).
+
+    One forward of the policy scores chosen and rejected together; the reference (if not precomputed) scores
+    them under no_grad, so gradients flow only through the policy. Returns (loss, reward margin, accuracy).
+    """
+    x, y, *ref = batch
+    policy_lp = sequence_logprobs(policy, x, y)
+    if ref:
+        ref_lp = ref[0]
+    else:
+        with torch.no_grad():  # the reference only scores: no graph, no gradient
+            ref_lp = sequence_logprobs(reference, x, y)
+    b = x.shape[0] // 2
+    loss, r_chosen, r_rejected = dpo_loss(policy_lp[:b], policy_lp[b:], ref_lp[:b], ref_lp[b:], beta,
+                                          label_smoothing, ipo)
+    return loss, (r_chosen - r_rejected).mean(), (r_chosen > r_rejected).float().mean()
 
 
 def main():
@@ -35,77 +74,110 @@ def main():
                    help="strength of the pull toward the reference model (higher = stay closer)")
     g.add_argument("--label_smoothing", type=float, default=0.0, help="conservative DPO: assumed share of flipped labels")
     g.add_argument("--ipo", type=int, default=0, choices=[0, 1], help="1 = IPO loss instead of DPO's log-sigmoid")
+    g.add_argument("--precompute_ref", type=int, default=0, choices=[0, 1],
+                   help="1 = score every pair with the reference once before training and free it (saves a model's "
+                        "memory and a forward per step); 0 = score each batch on the fly, no grad")
+    g.add_argument("--reasoning", default="keep", choices=REASONING,
+                   help="assistant turns' reasoning_content: keep (as '<think>...</think>' before the reply) or drop")
     args = p.parse_args()
 
     # --- setup ----------------------------------------------------------------------------------------------
     rank, local_rank, world = init_distributed()
     device = pick_device(args.device, local_rank)
     dtype = pick_dtype(args.dtype, device)
+    setup_hardware(device, args.num_threads)
     seed_everything(args.seed)
 
     # --- policy and frozen reference ------------------------------------------------------------------------
     if args.from_weight == "none":
         raise cli.UsageError("--from_weight: DPO starts from an SFT model directory (e.g. out/sft)")
     tokenizer = Tokenizer.load(args.from_weight)
-    model = build_model(args, tokenizer.vocab_size).to(device)
+    model = prepare_model(build_model(args, tokenizer.vocab_size).to(device), args, device, world, local_rank,
+                          dynamic=True)  # padded batches vary in length: compile for dynamic shapes
     reference = load_model(args.from_weight, device=device).eval().requires_grad_(False)
     optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if args.use_compile:
-        model = torch.compile(model, dynamic=True)
-    if world > 1:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     # --- data: each batch is [chosen rows; rejected rows], so one forward scores both -----------------------
-    pairs, dropped = load_dpo(args.data_path, tokenizer, args.max_seq_len)
-    sampler = Sampler(len(pairs), args.batch_size, args.accumulation_steps, world, rank, seed=args.seed)
+    pairs, dropped = load_dpo(args.data_path, tokenizer, args.max_seq_len, args.reasoning)
+    ref_cache = None
+    if args.precompute_ref:  # score everything once, then drop the reference model
+        ref_cache = reference_logprobs(reference, pairs, 2 * args.batch_size, tokenizer.pad_id, device, dtype)
+        reference = None
+    n_val = holdout(len(pairs), args.val_ratio, args.eval_interval > 0)  # --eval_interval: the last pairs
+    n_train = len(pairs) - n_val
+    sampler = Sampler(n_train, args.batch_size, args.accumulation_steps, world, rank, seed=args.seed)
     steps = total_steps(sampler.steps_per_epoch, args.epochs, args.max_steps)
+
+    def batch_of(idx):
+        x, y = pad_batch([pairs[i][0] for i in idx] + [pairs[i][1] for i in idx], tokenizer.pad_id)
+        if ref_cache is None:
+            return x, y
+        return x, y, torch.cat([ref_cache[idx, 0], ref_cache[idx, 1]])  # reference log-probs, same row order
+
+    val_batches = [batch_of(list(range(s, min(s + args.batch_size, len(pairs)))))
+                   for s in range(n_train, len(pairs), args.batch_size)][:args.eval_iters]
+
+    # --- resume: weights, optimizer, random streams and data position of the newest checkpoint -------------
+    fingerprint = run_fingerprint("dpo", unwrap(model).config, tokenizer, args, n_train)
+    start = resume(args, model, optimizer, scaler, sampler, fingerprint, rank, world)
     spe = sampler.steps_per_epoch
-
-    def make(e, s, m):
-        chosen_rejected = [pairs[i] for i in sampler.indices(e, s, m)]
-        return pad_batch([c for c, _ in chosen_rejected] + [r for _, r in chosen_rejected], tokenizer.pad_id)
-
-    keys = [(s // spe, s % spe, m) for s in range(steps) for m in range(args.accumulation_steps)]
-    batches = iter(Prefetcher(make, keys, device))
+    keys = [(s // spe, s % spe, m) for s in range(start, steps) for m in range(args.accumulation_steps)]
+    batches = iter(Prefetcher(lambda e, s, m: batch_of(sampler.indices(e, s, m)), keys, device))
     if rank == 0:
         print(describe(model, args, device, dtype, (rank, world)))
-        print(f"data {len(pairs)} pairs ({dropped} dropped: no reply within --max_seq_len) | {steps} steps")
+        print(f"data {len(pairs)} pairs ({dropped} dropped: no reply within --max_seq_len) | {steps} steps | "
+              f"reference log-probs {'precomputed' if args.precompute_ref else 'per batch'}")
 
     stats = {}
 
-    def loss_fn(model, batch):
-        x, y = batch
-        policy = sequence_logprobs(model, x, y)
-        with torch.no_grad(), autocast(device, dtype):  # the reference only scores: no graph, no gradient
-            ref = sequence_logprobs(reference, x, y)
-        b = x.shape[0] // 2
-        loss, r_chosen, r_rejected = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], args.beta,
-                                              args.label_smoothing, bool(args.ipo))
-        stats.update(margin=(r_chosen - r_rejected).mean(), accuracy=(r_chosen > r_rejected).float().mean())
+    def loss_fn(model, batch):  # runs under train_step's autocast
+        loss, margin, accuracy = dpo_batch_loss(model, reference, batch, args.beta, args.label_smoothing,
+                                                bool(args.ipo))
+        stats.update(margin=margin, accuracy=accuracy)
         return loss
 
     # --- loop -----------------------------------------------------------------------------------------------
-    log = RunLog(args, steps, enabled=rank == 0, desc="dpo")
+    guard = FiniteGuard(device, check_grad=not scaler.is_enabled())  # inf/NaN: stop before saving anything bad
+    stop = StopRequest()                                               # SIGTERM/Ctrl-C: save, then exit cleanly
+    last_saved, stopping = None, False
     model.train()
-    for step in range(steps):
-        lr = lr_at(step, steps, args.warmup_iters, args.learning_rate, args.min_lr_ratio)
-        set_lr(optimizer, lr)
-        micro_batches = [next(batches) for _ in range(args.accumulation_steps)]
-        loss, grad_norm = train_step(model, optimizer, scaler, micro_batches, device, dtype, args.grad_clip, loss_fn)
-        log.update()
-        if step % args.log_interval == 0 or step == steps - 1:
-            log.log(step, loss=loss.item(), lr=lr, grad_norm=grad_norm.item(), reward_margin=stats["margin"].item(),
-                    reward_accuracy=stats["accuracy"].item())
-        if rank == 0 and args.save_interval and (step + 1) % args.save_interval == 0 and step + 1 < steps:
-            save_model(model, tokenizer, args.out_dir)
-    log.close()
+    log = RunLog(args, steps, start=start, enabled=rank == 0, desc="dpo")
+    with log:  # closes the bar even on an error, so that `error: ...` gets a line of its own
+        for step in range(start, steps):
+            lr = lr_at(step, steps, args.warmup_iters, args.learning_rate, args.min_lr_ratio)
+            set_lr(optimizer, lr)
+            micro_batches = [next(batches) for _ in range(args.accumulation_steps)]
+            loss, grad_norm = train_step(model, optimizer, scaler, micro_batches, device, dtype, args.grad_clip,
+                                         loss_fn, poison=step == args.debug_nan_at_step)
+            guard.update(step, loss, grad_norm)
+            log.update()
+            done = step + 1  # optimizer steps completed; a checkpoint named step_N resumes at step N
+            if step % args.log_interval == 0 or done == steps:
+                guard.check(world, last_saved)
+                log.log(step, loss=loss.item(), lr=lr, grad_norm=grad_norm.item(),
+                        reward_margin=stats["margin"].item(), reward_accuracy=stats["accuracy"].item())
+            if args.eval_interval and (done % args.eval_interval == 0 or done == steps):
+                log.log(step, val_loss=evaluate(model, val_batches, device, dtype, loss_fn, world, rank,
+                                                per_token=False))
+            stopping = stop.requested(world)
+            if stopping or (args.save_interval and done % args.save_interval == 0 and done < steps):
+                guard.check(world, last_saved)
+                last_saved = save_checkpoint(args, done, model, optimizer, scaler, tokenizer, sampler, fingerprint,
+                                             rank, world)
+            if stopping:
+                break
+    if stopping:
+        if rank == 0:
+            print(f"stopped by {stop.signal} after step {done}/{steps}: checkpoint {last_saved}; "
+                  f"continue with the same command plus --from_resume 1")
+        cleanup_distributed()
+        return
 
     # --- save -----------------------------------------------------------------------------------------------
-    if rank == 0:
-        save_model(model, tokenizer, args.out_dir)
-        print(f"saved {args.out_dir}")
-
+    guard.check(world, last_saved)
+    save_final_model(model, tokenizer, args.out_dir, rank)
+    cleanup_distributed()
 
 if __name__ == "__main__":
     cli.run(main)
