@@ -12,6 +12,10 @@ setup(
     package_data={"minimind": ["default_tokenizer/*.json", "static/*"]},
     install_requires=["torch>=2.5", "tokenizers>=0.19", "numpy", "swanlab", "tqdm", "safetensors"],
     extras_require={
-        "test": ["pytest"],
+        # OpenAI-compatible server + web chat page (serve_openai_api.py)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
+        # tests: transformers proves checkpoint interop, openai is the reference API client, selenium drives the
+        # headless Chromium that .ci/install_browser.sh installs for the web-page test
+        "test": ["pytest", "transformers", "openai>=1.0", "selenium>=4.10", "fastapi>=0.110", "uvicorn>=0.29"],
     },
 )

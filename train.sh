@@ -4,6 +4,7 @@
 #
 #   bash train.sh                       # embedded offline demo: tiny model, ~10 minutes on a 2-core CPU
 #   bash train.sh --quick               # the same pipeline in about a minute (what the tests run)
+#   bash train.sh --with lora,distill   # also LoRA (adapter + merge) and distillation into a smaller student
 #   bash train.sh --preset 64M --pretrain_data dataset/minimind/pretrain_hq.jsonl \
 #        --sft_data dataset/minimind/sft_mini_512.jsonl --dpo_data dataset/minimind/dpo.jsonl   # a real run
 #
@@ -15,6 +16,7 @@ PRESET=tiny
 OUT=out
 PRETRAIN_DATA=""; SFT_DATA=""; DPO_DATA=""
 QUICK=0
+WITH=""
 EXTRA=()
 usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; cat <<'EOF'
 flags:
@@ -24,6 +26,8 @@ flags:
   --dpo_data FILE        DPO JSONL ({"chosen": [...], "rejected": [...]}); default: the embedded demo data
   --out DIR              where the stage directories go (default: out)
   --quick                tiny data and a few steps: checks the whole pipeline in about a minute
+  --with STAGES          extra stages, comma-separated: lora (adapter on the SFT model, then merged), distill
+                         (a half-width student learns from the SFT model's logits)
 EOF
 }
 while [[ $# -gt 0 ]]; do
@@ -34,12 +38,16 @@ while [[ $# -gt 0 ]]; do
     --dpo_data) DPO_DATA="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --quick) QUICK=1; shift ;;
+    --with) WITH=",$2,"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "error: unknown flag $1 (see bash train.sh --help)" >&2; exit 2 ;;
   esac
 done
 PY=${PYTHON:-python3}
+# On a CPU shared with other jobs, OpenMP threads that spin while waiting slow training 3x (dev/LOG.md);
+# passive waiting costs nothing on an idle machine. Must be set before torch is imported.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 stage() { echo; echo "=== $1 ($(date +%H:%M:%S))"; }
 t_start=$(date +%s)
 
@@ -64,7 +72,7 @@ if [[ $QUICK == 1 ]]; then
   SFT=(--max_steps 20 --batch_size 8 --max_seq_len 256 --learning_rate 1e-3)
   DPO=(--max_steps 5 --batch_size 4 --max_seq_len 256 --learning_rate 1e-5)
 elif [[ $DEMO == 1 ]]; then
-  PRE=(--epochs 1 --max_steps 500 --batch_size 16 --max_seq_len 256 --learning_rate 2e-3 --warmup_iters 20)
+  PRE=(--epochs 3 --max_steps 330 --batch_size 16 --max_seq_len 256 --learning_rate 2e-3 --warmup_iters 20)
   SFT=(--epochs 2 --max_steps 300 --batch_size 16 --max_seq_len 256 --learning_rate 1e-3 --warmup_iters 10)
   DPO=(--epochs 1 --max_steps 60 --batch_size 8 --max_seq_len 256 --learning_rate 1e-5)
 else
@@ -88,6 +96,19 @@ $PY train_full_sft.py --from_weight "$OUT/pretrain" --data_path "$SFT_DATA" --ou
 stage "5/6 DPO -> $OUT/dpo"
 $PY train_dpo.py --from_weight "$OUT/sft" --data_path "$DPO_DATA" --out_dir "$OUT/dpo" \
     "${DPO[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+
+# --- optional stages ---------------------------------------------------------------------------------------------
+if [[ $WITH == *,lora,* ]]; then
+  stage "extra: LoRA on the SFT model -> $OUT/lora (adapter), $OUT/lora_merged (full model)"
+  $PY train_lora.py --from_weight "$OUT/sft" --data_path "$SFT_DATA" --out_dir "$OUT/lora" \
+      "${SFT[@]}" --learning_rate 2e-3 ${EXTRA[@]+"${EXTRA[@]}"}
+  $PY train_lora.py --merge 1 --from_weight "$OUT/sft" --lora_path "$OUT/lora" --out_dir "$OUT/lora_merged"
+fi
+if [[ $WITH == *,distill,* ]]; then
+  stage "extra: distill the SFT model into a half-width student -> $OUT/distill"
+  $PY train_distill.py --teacher "$OUT/sft" --preset "$PRESET" --hidden_size 128 --tokenizer "$OUT/tokenizer" \
+      --data_path "$SFT_DATA" --out_dir "$OUT/distill" "${SFT[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+fi
 
 # --- 6. talk to it ----------------------------------------------------------------------------------------------
 stage "6/6 chat: fixed demo prompts, greedy decoding"
