@@ -43,7 +43,12 @@ def main():
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 needs loss scaling
 
     # --- data: tokenize once to a memmap, then cut packed windows (no padding) ------------------------------
-    windows = PackedWindows(pretokenize(args.data_path, tokenizer), args.max_seq_len)
+    if world > 1 and rank != 0:  # rank 0 tokenizes (once, cached); the others wait, then read its memmap
+        torch.distributed.barrier()
+    tokens = pretokenize(args.data_path, tokenizer)
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
+    windows = PackedWindows(tokens, args.max_seq_len)
     n_val = holdout(len(windows), args.val_ratio, args.eval_interval > 0, min_val=args.batch_size)
     n_train = len(windows) - n_val  # the last n_val windows (the end of the corpus) are held out
     sampler = Sampler(n_train, args.batch_size, args.accumulation_steps, world, rank, seed=args.seed)

@@ -123,6 +123,9 @@ def pretokenize(path: str, tokenizer: Tokenizer, batch_lines: int = 1024) -> np.
     if not os.path.exists(out):
         os.makedirs(cache_dir(), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache_dir(), suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a shared cache directory must be readable by others
         try:
             with os.fdopen(fd, "wb") as f:
                 batch = []

@@ -42,7 +42,9 @@ def add_common_args(p: argparse.ArgumentParser, *, data_path: str, out_dir: str,
                    help="model directory to start from ('none' = random init from --preset)")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer directory, used when --from_weight is 'none' (default: the bundled one)")
-    g.add_argument("--num_workers", type=int, default=1, help="background threads preparing batches (0 = inline)")
+    g.add_argument("--num_workers", type=int, default=1,
+                   help="accepted for MiniMind compatibility: batches are cheap memmap slices, built ahead by one "
+                        "background thread whatever this says (more workers measured no faster, dev/LOG.md)")
     g = p.add_argument_group("model (used when starting from scratch)")
     g.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model size preset")
     g.add_argument("--config", default=None, help="config.json giving the whole shape instead of --preset: ours, "
@@ -276,7 +278,7 @@ def lr_at(step: int, total: int, warmup: int, max_lr: float, min_ratio: float = 
     """Linear warm-up, then cosine decay from max_lr to max_lr * min_ratio at the last step."""
     if step < warmup:
         return max_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = (step - warmup) / max(1, total - 1 - warmup)  # the last step (total - 1) lands on the floor
     return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -551,6 +553,10 @@ def resume(args, model, optimizer, scaler, sampler, fingerprint: dict, rank: int
             optimizer.load_state_dict(ck["optimizer"]["optimizer"])
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{path}/optimizer.pt: does not fit this optimizer ({e})") from None
+    # load_state_dict restores the saved hyper-parameters too; a changed --weight_decay (allowed) must win.
+    for group in optimizer.param_groups:
+        if group["weight_decay"]:
+            group["weight_decay"] = args.weight_decay
     if scaler.is_enabled() and ck["optimizer"]["scaler"]:
         scaler.load_state_dict(ck["optimizer"]["scaler"])
     rngs = ck["rng"]
@@ -657,7 +663,7 @@ class RunLog:
             if self.tokens_per_step and step > self.last[1]:
                 metrics["tokens_per_s"] = round(self.tokens_per_step * (step - self.last[1]) / (now - self.last[0]))
             self.last = (now, step)
-        metrics = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}
+        metrics = {k: (float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in metrics.items()}  # keeps 1e-7
         self.postfix.update({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in metrics.items()})
         self.bar.set_postfix(self.postfix, refresh=False)  # loss, lr, tokens/s (+ val_loss); tqdm adds the ETA
         self.file.write(json.dumps({"step": step, "time": round(time.perf_counter() - self.t0, 3), **metrics}) + "\n")

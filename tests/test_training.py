@@ -47,9 +47,10 @@ def test_lr_warmup_then_cosine():
     for s in range(warm):
         assert lrs[s] == pytest.approx(peak * (s + 1) / warm)
     for s in range(warm, total + 1):
-        p = (s - warm) / (total - warm)
+        p = min(1.0, (s - warm) / (total - 1 - warm))  # steps run are 0..total-1: the last one is on the floor
         assert lrs[s] == pytest.approx(peak * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * p))))
-    assert lrs[warm - 1] == pytest.approx(peak) and lrs[total] == pytest.approx(peak * ratio)
+    assert lrs[warm - 1] == pytest.approx(peak) and lrs[total - 1] == pytest.approx(peak * ratio)
+    assert lrs[total - 2] > peak * ratio
     assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
 
 
