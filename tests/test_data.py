@@ -16,15 +16,6 @@ from minimind.data import (DataError, Example, PackedWindows, Sampler, load_dpo,
 IGNORE = -100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread avoids OpenMP spin-wait stalls on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_jsonl(path, records):
     """records: dicts (dumped as JSON) or raw strings (written as they are)."""
     with open(path, "w", encoding="utf-8") as f:

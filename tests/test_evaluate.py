@@ -15,15 +15,6 @@ from minimind.data import DataError
 from minimind.model import MiniMindForCausalLM
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and far faster when other jobs share the CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def model(tokenizer):
     torch.manual_seed(0)

@@ -10,15 +10,6 @@ from minimind.generate import (Engine, SamplingParams, TextStream, apply_repetit
 from minimind.model import MiniMindForCausalLM
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and far faster when other jobs share the CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def gen_model(dtype=torch.float64, **over) -> MiniMindForCausalLM:
     """A tiny random model in float64, so batched and single-row sums agree to ~1e-15 and argmax never flips."""
     torch.manual_seed(0)

@@ -11,15 +11,6 @@ from minimind.model import (MLP, Attention, KVCache, MiniMindForCausalLM, MoE, R
                             rope_inv_freq)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread avoids OpenMP spin-wait stalls on a busy 2-core machine (measured 250x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_config(**kw) -> ModelConfig:
     base = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=96, rope_theta=1e4, max_position_embeddings=512)

@@ -22,15 +22,6 @@ sys.path.insert(0, str(ROOT))
 import train_dpo  # noqa: E402  (the script's DPO pieces: reference_logprobs, dpo_batch_loss)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops: one thread avoids OpenMP spin-wait stalls on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def posttrain_model(vocab_size, seed=0, dtype=torch.float32) -> MiniMindForCausalLM:
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -22,14 +22,6 @@ from minimind.model import MiniMindForCausalLM  # noqa: E402
 from minimind.serve import create_app  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and far faster when other jobs share the CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 CONTEXT = 160
 
 

@@ -20,15 +20,6 @@ from minimind.train import configure_optimizer, lr_at, set_lr, train_step
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one thread avoids OpenMP spin-wait stalls on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def no_scaler():
     return torch.amp.GradScaler("cpu", enabled=False)
 
