@@ -126,7 +126,10 @@ def init_distributed() -> tuple[int, int, int]:
 
 
 def cleanup_distributed() -> None:
+    """Leave the process group together: a rank that tears its connections down while a peer is still finishing
+    (e.g. rank 0 saving the final model) can make that peer's gloo thread abort."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
