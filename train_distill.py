@@ -21,7 +21,7 @@ from minimind.data import (REASONING, LengthGroupedBatches, PackedConversations,
 from minimind.loss import distill_loss
 from minimind.model import document_mask, document_positions
 from minimind.tokenizer import Tokenizer
-from minimind.train import (FiniteGuard, RunLog, StopRequest, add_common_args, build_model, cleanup_distributed,
+from minimind.train import (RunControl, RunLog, add_common_args, build_model,
                             configure_optimizer, describe, evaluate, holdout, init_distributed, lr_at, pick_device,
                             pick_dtype, prepare_model, resume, run_fingerprint, save_checkpoint, save_final_model,
                             seed_everything, set_lr, setup_hardware, total_steps, train_step)
@@ -133,9 +133,11 @@ def main():
         return loss
 
     # --- loop -----------------------------------------------------------------------------------------------
-    guard = FiniteGuard(device, check_grad=not scaler.is_enabled())  # inf/NaN: stop before saving anything bad
-    stop = StopRequest()                                               # SIGTERM/Ctrl-C: save, then exit cleanly
-    last_saved, stopping, done = None, False, start
+    ctl = RunControl(args, device, scaler, rank, world,
+                     save=lambda done: save_checkpoint(args, done, model, optimizer, scaler, tokenizer, sampler,
+                                                       fingerprint, rank, world),
+                     final=lambda: save_final_model(model, tokenizer, args.out_dir, rank))
+    done = start
     model.train()
     log = RunLog(args, steps, start=start, enabled=rank == 0, desc="distill")
     with log:  # closes the bar even on an error, so that `error: ...` gets a line of its own
@@ -145,33 +147,20 @@ def main():
             micro_batches = [next(batches) for _ in range(args.accumulation_steps)]
             loss, grad_norm = train_step(model, optimizer, scaler, micro_batches, device, dtype, args.grad_clip,
                                          loss_fn, poison=step == args.debug_nan_at_step)
-            guard.update(step, loss, grad_norm)
+            ctl.record(step, loss, grad_norm)
             log.update()
             done = step + 1  # optimizer steps completed; a checkpoint named step_N resumes at step N
             if step % args.log_interval == 0 or done == steps:
-                guard.check(world, last_saved)
+                ctl.check()
                 log.log(step, loss=loss.item(), lr=lr, grad_norm=grad_norm.item(), kl=stats["kl"].item(),
                         ce=stats["ce"].item())
             if args.eval_interval and (done % args.eval_interval == 0 or done == steps):
                 log.log(step, val_loss=evaluate(model, val_batches, device, dtype, loss_fn, world, rank))
-            stopping = stop.requested(world)
-            if stopping or (args.save_interval and done % args.save_interval == 0 and done < steps):
-                guard.check(world, last_saved)
-                last_saved = save_checkpoint(args, done, model, optimizer, scaler, tokenizer, sampler, fingerprint,
-                                             rank, world)
-            if stopping:
+            if ctl.step_done(done, steps):  # checkpoint when due; SIGTERM: save and stop
                 break
-    if stopping:
-        if rank == 0:
-            print(f"stopped by {stop.signal} after step {done}/{steps}: checkpoint {last_saved}; "
-                  f"continue with the same command plus --from_resume 1")
-        cleanup_distributed()
-        return
 
     # --- save -----------------------------------------------------------------------------------------------
-    guard.check(world, last_saved)
-    save_final_model(model, tokenizer, args.out_dir, rank)
-    cleanup_distributed()
+    ctl.finish(done, steps)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from minimind.checkpoint import unwrap
 from minimind.data import REASONING, LengthGroupedBatches, PackedConversations, Prefetcher, Sampler, load_sft, pad_batch
 from minimind.lora import DEFAULT_TARGETS, cast_frozen, inject_lora, merge_to_dir, save_adapter, trainable_parameters
 from minimind.tokenizer import Tokenizer
-from minimind.train import (FiniteGuard, RunLog, StopRequest, add_common_args, build_model, cleanup_distributed,
+from minimind.train import (RunControl, RunLog, add_common_args, build_model,
                             configure_optimizer, describe, evaluate, holdout, init_distributed, lr_at, pick_device,
                             pick_dtype, prepare_model, seed_everything, set_lr, setup_hardware, total_steps,
                             train_step)
@@ -114,15 +114,15 @@ def main():
         x, y, *doc_ids = batch
         return model(x, targets=y, doc_ids=doc_ids[0] if doc_ids else None)
 
-    def save(done: int) -> None:
+    def save(done: int) -> str:
         if rank == 0:  # the adapter alone (A/B); the frozen base is never written
             save_adapter(model, args.out_dir, args.from_weight, targets,
                          extra={"steps": done, "data_path": args.data_path})
+        return args.out_dir
 
     # --- loop -----------------------------------------------------------------------------------------------
-    guard = FiniteGuard(device, check_grad=not scaler.is_enabled())  # inf/NaN: stop before saving anything bad
-    stop = StopRequest()                                               # SIGTERM/Ctrl-C: save, then exit cleanly
-    done, stopping = 0, False
+    done = 0
+    ctl = RunControl(args, device, scaler, rank, world, save=save, final=lambda: save(done), resumable=False)
     model.train()
     with RunLog(args, steps, enabled=rank == 0, desc="lora") as log:
         for step in range(steps):
@@ -131,30 +131,22 @@ def main():
             micro_batches = [next(batches) for _ in range(args.accumulation_steps)]
             loss, grad_norm = train_step(model, optimizer, scaler, micro_batches, device, dtype, args.grad_clip,
                                          sft_loss, poison=step == args.debug_nan_at_step)
-            guard.update(step, loss, grad_norm)
+            ctl.record(step, loss, grad_norm)
             log.update()
             done = step + 1
             if step % args.log_interval == 0 or done == steps:
-                guard.check(world, None)
+                ctl.check()
                 log.log(step, loss=loss.item(), lr=lr, grad_norm=grad_norm.item())
             if args.eval_interval and (done % args.eval_interval == 0 or done == steps):
                 log.log(step, val_loss=evaluate(model, val_batches, device, dtype, sft_loss, world, rank))
-            stopping = stop.requested(world)
-            if stopping or (args.save_interval and done % args.save_interval == 0 and done < steps):
-                guard.check(world, None)
-                save(done)
-            if stopping:
+            if ctl.step_done(done, steps):  # adapter saved when due; SIGTERM: save it and stop
                 break
 
     # --- save: the adapter alone ----------------------------------------------------------------------------
-    guard.check(world, None)
-    if not stopping:
-        save(done)
+    ctl.finish(done, steps)
     if rank == 0:
-        print(f"{'stopped by ' + stop.signal + ': ' if stopping else ''}saved adapter after {done}/{steps} steps to "
-              f"{args.out_dir}\nmerge it with: python train_lora.py --merge 1 --from_weight {args.from_weight} "
-              f"--lora_path {args.out_dir} --out_dir {args.out_dir}_merged")
-    cleanup_distributed()
+        print(f"adapter after {done}/{steps} steps in {args.out_dir}\nmerge it with: python train_lora.py --merge 1 "
+              f"--from_weight {args.from_weight} --lora_path {args.out_dir} --out_dir {args.out_dir}_merged")
 
 
 if __name__ == "__main__":

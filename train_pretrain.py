@@ -14,7 +14,7 @@ from minimind import cli
 from minimind.checkpoint import unwrap
 from minimind.data import PackedWindows, Prefetcher, Sampler, pretokenize
 from minimind.tokenizer import Tokenizer
-from minimind.train import (FiniteGuard, RunLog, StopRequest, add_common_args, build_model, cleanup_distributed,
+from minimind.train import (RunControl, RunLog, add_common_args, build_model,
                             configure_optimizer, describe, evaluate, holdout, init_distributed, lr_at, pick_device,
                             pick_dtype, prepare_model, resume, run_fingerprint, save_checkpoint, save_final_model,
                             seed_everything, set_lr, setup_hardware, total_steps, train_step)
@@ -69,9 +69,11 @@ def main():
               f"{tokens_per_step} tokens/step")
 
     # --- loop -----------------------------------------------------------------------------------------------
-    guard = FiniteGuard(device, check_grad=not scaler.is_enabled())  # inf/NaN: stop before saving anything bad
-    stop = StopRequest()                                               # SIGTERM/Ctrl-C: save, then exit cleanly
-    last_saved, stopping = None, False
+    ctl = RunControl(args, device, scaler, rank, world,
+                     save=lambda done: save_checkpoint(args, done, model, optimizer, scaler, tokenizer, sampler,
+                                                       fingerprint, rank, world),
+                     final=lambda: save_final_model(model, tokenizer, args.out_dir, rank))
+    done = start
     model.train()
     log = RunLog(args, steps, start=start, enabled=rank == 0, desc="pretrain", tokens_per_step=tokens_per_step)
     with log:  # closes the bar even on an error, so that `error: ...` gets a line of its own
@@ -81,32 +83,19 @@ def main():
             micro_batches = [next(batches) for _ in range(args.accumulation_steps)]
             loss, grad_norm = train_step(model, optimizer, scaler, micro_batches, device, dtype, args.grad_clip,
                                          poison=step == args.debug_nan_at_step)
-            guard.update(step, loss, grad_norm)
+            ctl.record(step, loss, grad_norm)
             log.update()
             done = step + 1  # optimizer steps completed; a checkpoint named step_N resumes at step N
             if step % args.log_interval == 0 or done == steps:  # .item() waits for the GPU: only now and then
-                guard.check(world, last_saved)
+                ctl.check()
                 log.log(step, loss=loss.item(), lr=lr, grad_norm=grad_norm.item())
             if args.eval_interval and (done % args.eval_interval == 0 or done == steps):
                 log.log(step, val_loss=evaluate(model, val_batches, device, dtype, world=world, rank=rank))
-            stopping = stop.requested(world)
-            if stopping or (args.save_interval and done % args.save_interval == 0 and done < steps):
-                guard.check(world, last_saved)
-                last_saved = save_checkpoint(args, done, model, optimizer, scaler, tokenizer, sampler, fingerprint,
-                                             rank, world)
-            if stopping:
+            if ctl.step_done(done, steps):  # checkpoint when due; SIGTERM: save and stop
                 break
-    if stopping:
-        if rank == 0:
-            print(f"stopped by {stop.signal} after step {done}/{steps}: checkpoint {last_saved}; "
-                  f"continue with the same command plus --from_resume 1")
-        cleanup_distributed()
-        return
 
     # --- save -----------------------------------------------------------------------------------------------
-    guard.check(world, last_saved)
-    save_final_model(model, tokenizer, args.out_dir, rank)
-    cleanup_distributed()
+    ctl.finish(done, steps)
 
 
 if __name__ == "__main__":

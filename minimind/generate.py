@@ -85,14 +85,6 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     return torch.where(greedy, best, picked)
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """sample() with one setting for every row. logits (B, V) -> (B,)."""
-    B, dev = logits.shape[0], logits.device
-    return sample(logits, torch.full((B,), float(temperature), device=dev), torch.full((B,), int(top_k), device=dev),
-                  torch.full((B,), float(top_p), device=dev), [generator] * B if generator is not None else None)
-
-
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """CTRL-style: where seen (B, V) is True, divide positive logits by the penalty and multiply negative ones."""
     penalty = penalty.to(logits.dtype)[:, None]

@@ -181,10 +181,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def is_main(rank: int) -> bool:
-    return rank == 0
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Model, optimizer, schedule
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,7 +357,7 @@ class FiniteGuard:
             bad = bad | ~torch.isfinite(grad_norm)
         self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
 
-    def check(self, world: int, last_good: str | None) -> None:
+    def check(self, world: int, last_good: str | None, resumable: bool = True) -> None:
         bad = self.first_bad.clone()
         if world > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank stops together
@@ -370,7 +366,7 @@ class FiniteGuard:
             return
         msg = (f"non-finite loss or gradient (inf/NaN) at step {step}: stopped, and nothing from that step on was "
                f"saved; last good checkpoint: {last_good or 'none'} (lower --learning_rate or raise "
-               f"--warmup_iters, then continue with --from_resume 1)")
+               f"--warmup_iters, then " + ("continue with --from_resume 1)" if resumable else "start again)"))
         if dist.is_initialized() and dist.get_rank() != 0:
             sys.exit(2)  # rank 0 prints the one line
         raise TrainingError(msg)
@@ -586,6 +582,52 @@ def save_final_model(model, tokenizer, out_dir: str, rank: int) -> None:
     if rank == 0:
         save_model(model, tokenizer, out_dir, state_dict=weights)
         print(f"saved {out_dir}")
+
+
+class RunControl:
+    """What every training loop does besides learning, in one place: stop before saving a non-finite model
+    (FiniteGuard), save and exit on SIGTERM/Ctrl-C (StopRequest), checkpoint every --save_interval steps, and
+    the final save. The loop itself stays in each script: record() after each optimizer step, check() before
+    logging, step_done() at the end of the step, finish() after the loop.
+
+    save(done) writes a checkpoint and returns its path; final() writes the finished model. Both default to
+    the full-model versions (save_checkpoint / save_final_model); LoRA passes adapter writers.
+    """
+
+    def __init__(self, args, device, scaler, rank: int, world: int, save, final, resumable: bool = True):
+        self.guard = FiniteGuard(device, check_grad=not scaler.is_enabled())  # inf/NaN: nothing bad is saved
+        self.stop = StopRequest()                                               # SIGTERM/Ctrl-C: save, then exit
+        self.args, self.rank, self.world = args, rank, world
+        self.save, self.final, self.resumable = save, final, resumable
+        self.last_saved, self.stopping = None, False
+
+    def check(self) -> None:
+        """Stop with a one-line error if any step so far was non-finite (a host sync: call it only at log time)."""
+        self.guard.check(self.world, self.last_saved, self.resumable)
+
+    def record(self, step: int, loss, grad_norm) -> None:
+        """Remember whether this step was finite (on the device: no host sync)."""
+        self.guard.update(step, loss, grad_norm)
+
+    def step_done(self, done: int, steps: int) -> bool:
+        """Checkpoint when due or when asked to stop. True = leave the loop now."""
+        self.stopping = self.stop.requested(self.world)
+        every = self.args.save_interval
+        if self.stopping or (every and done % every == 0 and done < steps):
+            self.check()
+            self.last_saved = self.save(done)
+        return self.stopping
+
+    def finish(self, done: int, steps: int) -> None:
+        """After the loop: the final save (unless stopped early), then leave the process group."""
+        if self.stopping:
+            if self.rank == 0:
+                hint = "; continue with the same command plus --from_resume 1" if self.resumable else ""
+                print(f"stopped by {self.stop.signal} after step {done}/{steps}: saved {self.last_saved}{hint}")
+        else:
+            self.check()
+            self.final()
+        cleanup_distributed()
 
 
 # ---------------------------------------------------------------------------------------------------------------
