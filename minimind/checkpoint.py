@@ -17,12 +17,11 @@ from safetensors.torch import save_file
 
 from . import hf
 from .config import ModelConfig
+from .errors import CheckpointError
 from .model import MiniMindForCausalLM
 from .tokenizer import Tokenizer
 
 
-class CheckpointError(ValueError):
-    """A model directory that cannot be loaded; the message names the file and tensor/key."""
 
 
 def hf_architecture(config: ModelConfig) -> tuple[str, str]:

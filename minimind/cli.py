@@ -3,18 +3,15 @@ from __future__ import annotations
 
 import sys
 
-
-class UsageError(ValueError):
-    """A flag or combination of flags that cannot work; the message names the flag."""
+from .errors import MiniMindError, UsageError  # noqa: F401  (UsageError: re-exported for scripts)
 
 
 def run(main) -> None:
     """Call main(); turn our input errors into `error: MESSAGE` on stderr and exit status 2."""
-    from .checkpoint import CheckpointError
-    from .data import DataError
     try:
         main()
-    except (DataError, CheckpointError, UsageError) as e:
+    except MiniMindError as e:
+        sys.stderr.flush()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -23,12 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .errors import DataError
 from .loss import IGNORE
 from .tokenizer import ROLES, Tokenizer
 
 
-class DataError(ValueError):
-    """Bad input data. str(e) is 'FILE:LINE: what is wrong' (the CLI prints 'error: ' + that)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -99,7 +99,6 @@ def inference_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if name not in ("float32", "bfloat16", "float16"):
-        from .cli import UsageError
         raise UsageError(f"--dtype {name}: use auto, float32, bfloat16 or float16")
     return getattr(torch, name)
 

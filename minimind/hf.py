@@ -13,7 +13,7 @@ through the same path. Anything the config asks for that our model cannot comput
 windows, dense layers inside an MoE model, another activation...) is refused with a one-line CheckpointError that
 names the key or tensor: a model that loads, loads exactly.
 
-    python -m minimind.hf SRC --out_dir DIR [--tokenizer DIR]    # any supported checkpoint -> our model directory
+The command-line converter is the top-level script `convert_model.py`.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import re
 import torch
 
 from .config import ModelConfig
+from .errors import CheckpointError
 
 # model_type -> architecture class, for the families we can compute exactly
 ARCHITECTURES = {
@@ -45,7 +46,6 @@ MINIMIND_YARN = {"rope_type": "yarn", "factor": 16.0, "original_max_position_emb
 
 
 def _error(msg: str):
-    from .checkpoint import CheckpointError  # late import: checkpoint.py imports this module
     return CheckpointError(msg)
 
 
@@ -492,47 +492,3 @@ def load_checkpoint(path: str, config: ModelConfig | None = None):
         source = path
         config = config or config_from_state_dict(sd, path)
     return config, to_minimind_names(sd, config, model_type, source)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command line: convert any supported checkpoint into a minimind (= Hugging Face) model directory
-# ---------------------------------------------------------------------------------------------------------------
-def main(argv=None):
-    import argparse
-
-    from .checkpoint import load_model, save_model
-    from .cli import UsageError
-    from .tokenizer import Tokenizer
-
-    p = argparse.ArgumentParser(prog="python -m minimind.hf", description=(
-        "Convert a checkpoint (Qwen3 / Qwen3-MoE / Qwen2 / Llama transformers dir, MiniMind's transformers dir "
-        "or .pth state dict) into a minimind model directory, which is itself a transformers checkpoint."))
-    p.add_argument("src", help="model directory, or a MiniMind .pth state dict")
-    p.add_argument("--out_dir", required=True, help="where to write config.json, model.safetensors, tokenizer")
-    p.add_argument("--tokenizer", default=None,
-                   help="directory with tokenizer.json (default: SRC's own; needed for a .pth file)")
-    p.add_argument("--config", default=None,
-                   help="config.json describing SRC (for a .pth whose head count / top-k differ from MiniMind's)")
-    p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16", "float16"],
-                   help="dtype of the written weights (keep = as stored in SRC)")
-    args = p.parse_args(argv)
-    config = read_config_file(args.config) if args.config else None
-    tok_dir = args.tokenizer or (args.src if os.path.isdir(args.src) else None)
-    if tok_dir is None or not os.path.isfile(os.path.join(tok_dir, "tokenizer.json")):
-        raise UsageError(f"--tokenizer: no tokenizer.json in {tok_dir or args.src}; pass the directory holding "
-                         f"the model's tokenizer (for MiniMind: its model/ folder)")
-    tokenizer = Tokenizer.load(tok_dir)
-    model = load_model(args.src, dtype=None if args.dtype == "keep" else getattr(torch, args.dtype), config=config)
-    dtype = next(model.parameters()).dtype
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise UsageError(f"--tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                         f"{model.config.vocab_size}: wrong tokenizer for this model")
-    save_model(model, tokenizer, args.out_dir)
-    arch = (to_hf_config(model.config).get("architectures") or ["minimind's own format"])[0]
-    print(f"wrote {args.out_dir} ({arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-          f"{str(dtype).replace('torch.', '')})")
-
-
-if __name__ == "__main__":
-    from .cli import run
-    run(main)

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import RUN_FILES, CheckpointError, atomic_dir, load_config, load_model, save_model, unwrap
-from .cli import UsageError
+from .errors import UsageError
 from .hf import weights_file
 from .tokenizer import Tokenizer
 

@@ -14,6 +14,8 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .errors import CheckpointError
+
 # Same ids as MiniMind's tokenizer: 0 pads/separates, 1 opens a turn, 2 closes it (and ends generation).
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
@@ -44,7 +46,6 @@ class Tokenizer:
     def _id(self, token: str) -> int:
         i = self.tok.token_to_id(token)
         if i is None:
-            from .checkpoint import CheckpointError  # late import: checkpoint.py imports this module
             raise CheckpointError(f"tokenizer has no special token {token!r}: minimind's documents and chats are "
                                   f"ChatML ({', '.join(SPECIAL_TOKENS)}), as in Qwen's and MiniMind's tokenizers; "
                                   f"train one with train_tokenizer.py")
@@ -104,8 +105,7 @@ class Tokenizer:
             try:
                 self._chat_profile = chatml_profile(self.chat_template)
             except ValueError as e:
-                from .checkpoint import CheckpointError  # late import: checkpoint.py imports this module
-                raise CheckpointError(f"tokenizer chat_template: {e}; minimind renders ChatML conversations only "
+                    raise CheckpointError(f"tokenizer chat_template: {e}; minimind renders ChatML conversations only "
                                       f"(put a ChatML chat_template in tokenizer_config.json)") from None
         return self._chat_profile
 
@@ -133,7 +133,6 @@ class Tokenizer:
         """Load from a directory holding tokenizer.json (and optionally tokenizer_config.json) or the file."""
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
-            from .checkpoint import CheckpointError  # late import: checkpoint.py imports this module
             raise CheckpointError(f"{path}: no tokenizer.json (give a model directory written by a train_*.py, "
                                   f"or a tokenizer directory from train_tokenizer.py)")
         folder, cfg, template = os.path.dirname(file), None, None

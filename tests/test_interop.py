@@ -562,13 +562,13 @@ def test_minimind_transformers_dir_loads(tmp_path, weights):
 
 
 def test_convert_cli_writes_a_transformers_checkpoint(tmp_path):
-    """python -m minimind.hf SRC --out_dir DIR: a MiniMind .pth becomes a model directory; bad input is one line."""
+    """python convert_model.py SRC --out_dir DIR: a MiniMind .pth becomes a model directory; bad input is one line."""
     torch.manual_seed(0)
     tok = Tokenizer.load(DEFAULT_TOKENIZER)
     model = interop_perturb(MiniMindForCausalLM(interop_config(vocab_size=tok.vocab_size)))
     pth = interop_minimind_pth(model, tmp_path / "pretrain_64.pth")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-m", "minimind.hf", str(pth), "--out_dir", str(tmp_path / "out"),
+    run = subprocess.run([sys.executable, "convert_model.py", str(pth), "--out_dir", str(tmp_path / "out"),
                           "--tokenizer", DEFAULT_TOKENIZER], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr
@@ -584,10 +584,14 @@ def test_convert_cli_writes_a_transformers_checkpoint(tmp_path):
 
 def test_convert_cli_bad_input_is_one_line(tmp_path, capsys):
     from minimind.cli import run
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("convert_model", ROOT / "convert_model.py")
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
     for argv, match in [([str(tmp_path / "nope.pth")], "no such model directory or weight file"),
                         ([str(tmp_path)], "--tokenizer: no tokenizer.json")]:
         with pytest.raises(SystemExit) as e:
-            run(lambda: hf.main([*argv, "--out_dir", str(tmp_path / "o2"), *(
+            run(lambda: convert.main([*argv, "--out_dir", str(tmp_path / "o2"), *(
                 ["--tokenizer", DEFAULT_TOKENIZER] if "nope" in argv[0] else [])]))
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and match in err
