@@ -234,13 +234,16 @@ class Example:
     truncated: bool = False  # the conversation was longer than max_seq_len and lost supervised tokens
 
 
-def load_sft(path: str, tokenizer: Tokenizer, max_seq_len: int, reasoning: str = "keep") -> tuple[list[Example], int]:
+def load_sft(path: str, tokenizer: Tokenizer, max_seq_len: int, reasoning: str = "keep",
+             reader=None) -> tuple[list[Example], int]:
     """All SFT examples of a file, and how many were dropped because no reply fit in max_seq_len.
 
     Examples cut at max_seq_len (reply tail lost) are kept and flagged: sum(e.truncated for e in examples).
+    reader: reader(path, kind, progress=...) yielding validated records, in place of read_jsonl; e.g.
+    minimind.formats.record_reader converts alpaca/sharegpt/column files on the fly.
     """
     examples, dropped = [], 0
-    for rec in tqdm(read_jsonl(path, "sft", progress=False), desc=f"tokenize {os.path.basename(path)}",
+    for rec in tqdm((reader or read_jsonl)(path, "sft", progress=False), desc=f"tokenize {os.path.basename(path)}",
                     unit=" conv", leave=False):
         ex = _render_example(tokenizer, rec["conversations"], max_seq_len, False, reasoning)
         if ex is None:
@@ -252,11 +255,13 @@ def load_sft(path: str, tokenizer: Tokenizer, max_seq_len: int, reasoning: str =
     return examples, dropped
 
 
-def load_dpo(path: str, tokenizer: Tokenizer, max_seq_len: int,
-             reasoning: str = "keep") -> tuple[list[tuple[Example, Example]], int]:
-    """(chosen, rejected) example pairs; a pair is dropped if either side has nothing supervised left."""
+def load_dpo(path: str, tokenizer: Tokenizer, max_seq_len: int, reasoning: str = "keep",
+             reader=None) -> tuple[list[tuple[Example, Example]], int]:
+    """(chosen, rejected) example pairs; a pair is dropped if either side has nothing supervised left.
+
+    reader: as in load_sft (records converted on the fly from another format)."""
     pairs, dropped = [], 0
-    for rec in tqdm(read_jsonl(path, "dpo", progress=False), desc=f"tokenize {os.path.basename(path)}",
+    for rec in tqdm((reader or read_jsonl)(path, "dpo", progress=False), desc=f"tokenize {os.path.basename(path)}",
                     unit=" pair", leave=False):
         c = _render_example(tokenizer, rec["chosen"], max_seq_len, True, reasoning)
         r = _render_example(tokenizer, rec["rejected"], max_seq_len, True, reasoning)
