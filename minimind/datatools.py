@@ -5,7 +5,8 @@ so a 10 GB file never sits in memory; what is kept per document is a few numbers
 written to a temp file beside the target and renamed into place, so an interrupted run leaves no half file.
 Lines are copied byte for byte: a tool removes or keeps records, it never rewrites them.
 
-The CLI is prepare_data.py (stats / dedup / sample / filter); each function here returns its counts.
+The CLI is prepare_data.py (stats / dedup / sample / filter / convert / scrub / mix); each function here returns
+its counts. convert and scrub write records they changed as new JSON; everything else is copied byte for byte.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import formats, scrub
 from .data import DataError, read_jsonl, with_reasoning
+from .errors import UsageError
 
 KINDS = ("pretrain", "sft", "dpo")
 
@@ -127,9 +130,11 @@ class Stats:
 
 
 def compute_stats(path: str, kind: str | None = None, tokenizer=None, max_seq_len: int = 512, limit: int = 0,
-                  batch: int = 512) -> Stats:
+                  batch: int = 512, reader=None) -> Stats:
     """One streaming pass. Token counts are what training sees: pretrain [bos] text [eos]; sft/dpo the rendered
-    ChatML conversation (dpo: the longer of chosen/rejected decides truncation; tokens count both)."""
+    ChatML conversation (dpo: the longer of chosen/rejected decides truncation; tokens count both).
+    reader: reader(path, kind) yielding records converted from another format (minimind.formats.record_reader);
+    then `kind` must be given."""
     kind = kind or detect_kind(path)
     st = Stats(path, kind, os.path.getsize(path), max_seq_len=max_seq_len,
                unit="tokens" if tokenizer is not None else "characters")
@@ -151,7 +156,7 @@ def compute_stats(path: str, kind: str | None = None, tokenizer=None, max_seq_le
         ids, mask = tokenizer.render_chat(with_reasoning(messages), last_reply_only=last_only)
         return len(ids), sum(mask[1:]), sum(mask[1:max_seq_len + 1])  # targets are tokens 1.. of the window
 
-    for rec in read_jsonl(path, kind):
+    for rec in (reader or read_jsonl)(path, kind):
         st.documents += 1
         text = record_text(rec, kind)
         st.characters += len(text)
@@ -562,3 +567,233 @@ def filter_file(path: str, out_path: str, rules: Rules, kind: str | None = None)
             else:
                 removed[failed] += 1
     return FilterResult(n, kept, removed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# convert: alpaca / sharegpt / column-mapped files -> MiniMind JSONL (the record conversion is minimind/formats.py)
+# ---------------------------------------------------------------------------------------------------------------
+def convert_file(path: str, out_path: str, spec: "formats.Spec", kind: str | None = None,
+                 strict: bool = False) -> "formats.Report":
+    """Stream `path` through formats.convert_records into `out_path` (JSONL, written atomically).
+
+    Returns the Report (read / converted / skipped per reason). A file where nothing converts is a DataError,
+    not an empty output: that is almost always a wrong --from or --map.
+    """
+    report = formats.Report(path, spec.format)
+    with atomic_output(out_path) as out:
+        for _, rec in formats.convert_records(path, spec, kind, report, strict):
+            out.write((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+        if report.converted == 0:  # raised inside the block: the temp file is deleted, nothing is written
+            why = "; ".join(f"{r} ({n}, first at {report.first[r]})" for r, n in report.skipped.items())
+            raise DataError(f"{path}: no record could be converted ({why}); check --from and --map")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scrub: personal data (e-mail, phones, ID and bank cards, IPs) replaced by typed placeholders, or records dropped
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class ScrubResult:
+    documents: int = 0
+    changed: int = 0                                   # records with at least one hit (rewritten, or dropped)
+    dropped: int = 0
+    counts: dict = field(default_factory=dict)         # kind -> occurrences
+    examples: list = field(default_factory=list)       # [(FILE:LINE, kinds)]: where, never what (that is the PII)
+
+
+def scrub_file(path: str, out_path: str, kinds=scrub.KINDS, action: str = "replace", show: int = 0) -> ScrubResult:
+    """Scrub every string value of every record (any format: ours, alpaca, sharegpt), streaming, atomic output.
+
+    action 'replace': each hit becomes its placeholder ([EMAIL], [PHONE], [ID_CARD], [BANK_CARD], [IP]) and the
+    record is rewritten; 'drop': a record with any hit is left out. Records without a hit are copied byte for byte.
+    """
+    if action not in ("replace", "drop"):
+        raise ValueError(f"action must be 'replace' or 'drop', got {action!r}")
+    r = ScrubResult(counts={k: 0 for k in kinds})
+    with atomic_output(out_path) as out:
+        for lineno, raw, obj in formats.iter_json(path, with_raw=True):
+            r.documents += 1
+            found: dict = {}
+            clean = scrub.scrub_value(obj, kinds, found)
+            if not found:
+                out.write(raw if raw is not None and raw.endswith(b"\n") else
+                          raw + b"\n" if raw is not None else (json.dumps(obj, ensure_ascii=False) + "\n").encode())
+                continue
+            r.changed += 1
+            for k, n in found.items():
+                r.counts[k] += n
+            if len(r.examples) < show:
+                r.examples.append((f"{path}:{lineno}", sorted(found)))
+            if action == "drop":
+                r.dropped += 1
+            else:
+                out.write((json.dumps(clean, ensure_ascii=False) + "\n").encode("utf-8"))
+    return r
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mix: several corpora into one, by ratio of tokens (or records), seeded
+# ---------------------------------------------------------------------------------------------------------------
+def parse_mix_source(text: str) -> tuple[str, float]:
+    """'data/en.jsonl:0.6' -> ('data/en.jsonl', 0.6); UsageError naming the argument if it is not PATH:RATIO."""
+    path, sep, ratio = text.rpartition(":")
+    try:
+        value = float(ratio)
+    except ValueError:
+        value = None
+    if not sep or not path or value is None or not math.isfinite(value) or value <= 0:
+        raise UsageError(f"mix source {text!r}: expected PATH:RATIO with a positive ratio, e.g. en.jsonl:0.6")
+    return path, value
+
+
+@dataclass
+class MixSource:
+    path: str
+    ratio: float                 # as given
+    share: float = 0.0           # ratio / sum of ratios: the target share
+    records: int = 0             # in the file
+    tokens: int = 0              # in the file (characters without a tokenizer)
+    taken_records: int = 0       # in the output (a repeated record counts each time)
+    taken_tokens: int = 0
+    target: int = 0              # tokens (or records) this source should contribute
+
+
+@dataclass
+class MixResult:
+    kind: str
+    unit: str                    # what the ratios hold in: 'tokens', 'characters' or 'records'
+    total: int                   # the target total in that unit
+    sources: list
+
+
+def record_lengths(path: str, kind: str, tokenizer=None, batch: int = 512) -> np.ndarray:
+    """Tokens per record, as training counts them (pretrain [bos] text [eos]; sft the rendered chat; dpo both
+    sides); characters of record_text without a tokenizer."""
+    out = array("q")
+    pending: list[str] = []
+
+    def flush():  # batch-encode pretrain text: the Rust tokenizer spreads a batch over all cores
+        out.extend(len(ids) + 2 for ids in tokenizer.encode_batch(pending))
+        pending.clear()
+
+    for rec in read_jsonl(path, kind):
+        if tokenizer is None:
+            out.append(len(record_text(rec, kind)))
+        elif kind == "pretrain":
+            pending.append(rec["text"])
+            if len(pending) == batch:
+                flush()
+        elif kind == "sft":
+            out.append(len(tokenizer.render_chat(with_reasoning(rec["conversations"]))[0]))
+        else:
+            out.append(sum(len(tokenizer.render_chat(with_reasoning(rec[side]), last_reply_only=True)[0])
+                           for side in ("chosen", "rejected")))
+    if pending:
+        flush()
+    return np.frombuffer(out, dtype=np.int64).copy() if len(out) else np.zeros(0, np.int64)
+
+
+def _take(lengths: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
+    """How often each record is used so their lengths sum as close to `target` as whole records allow.
+
+    Whole passes first (every record once per pass, only when the target exceeds the file), then a seeded random
+    subset of one more pass: records in random order up to the target, plus the next one if that lands closer.
+    """
+    total = int(lengths.sum())
+    full = target // total if total else 0
+    counts = np.full(len(lengths), full, dtype=np.int64)
+    rest = target - full * total
+    order = rng.permutation(len(lengths))
+    cum = np.cumsum(lengths[order])
+    k = int(np.searchsorted(cum, rest, side="right"))   # cum[k-1] <= rest < cum[k]
+    if k < len(cum) and cum[k] - rest < rest - (cum[k - 1] if k else 0):
+        k += 1
+    counts[order[:k]] += 1
+    return counts
+
+
+def mix(sources: list[tuple[str, float]], out_path: str, tokenizer=None, total_tokens: int = 0,
+        total_records: int = 0, seed: int = 42, allow_repeat: bool = False, kind: str | None = None) -> MixResult:
+    """Write `out_path` with records from each source in proportion to its ratio, in tokens (or records).
+
+    total_tokens: the output's size in tokens, the shares holding in tokens (what the model sees; lines differ
+    in length across languages and domains). total_records: the shares hold in records instead. Neither (both
+    0): the largest mix that needs no record twice. A source too small for its share is an error unless
+    allow_repeat (its records are then used more than once, whole passes first). Records of the sources are
+    interleaved at random (seeded), each source's records keeping their file order. Same seed, same file.
+    """
+    if total_tokens < 0 or total_records < 0 or (total_tokens and total_records):
+        raise UsageError("give at most one of --total_tokens or --total_records, as a positive number")
+    if len(sources) < 1:
+        raise UsageError("mix: give at least one PATH:RATIO source")
+    paths = [os.path.abspath(p) for p, _ in sources]
+    if len(set(paths)) != len(paths):
+        raise UsageError("mix: a file is named twice; give each source once with its whole ratio")
+    if os.path.abspath(out_path) in paths:
+        raise UsageError("--out_path must differ from every source (the sources are read twice)")
+    kinds = [kind or detect_kind(p) for p, _ in sources]
+    if len(set(kinds)) > 1:
+        detail = ", ".join(f"{p} is {k}" for (p, _), k in zip(sources, kinds))
+        raise DataError(f"mix: the sources must be of one kind ({detail}); mix pretrain with pretrain, sft with sft")
+    kind = kinds[0]
+    unit = "records" if total_records else ("tokens" if tokenizer is not None else "characters")
+    ratio_sum = sum(r for _, r in sources)
+    src, lengths, states = [], [], []
+    for p, r in sources:
+        states.append(_file_state(p))
+        n = record_lengths(p, kind, tokenizer)
+        if len(n) == 0:
+            raise DataError(f"{p}: the file has no records")
+        src.append(MixSource(p, r, r / ratio_sum, len(n), int(n.sum())))
+        lengths.append(n)
+    unit_lengths = [np.ones_like(n) if unit == "records" else n for n in lengths]
+    have = [int(u.sum()) for u in unit_lengths]
+    largest = int(min(h / s.share for h, s in zip(have, src)))   # the biggest mix with no record used twice
+    total = total_records or total_tokens or largest
+    counts = []
+    for i, (s, u, h) in enumerate(zip(src, unit_lengths, have)):
+        s.target = int(round(total * s.share))
+        if s.target > h and not allow_repeat:
+            flag = "--total_records" if unit == "records" else "--total_tokens"
+            raise UsageError(f"{s.path}: its share {s.share:.1%} of {total:,} {unit} is {s.target:,}, but the file "
+                             f"has {h:,}; lower {flag} (at most {largest:,} for these ratios without repeating "
+                             f"records) or pass --allow_repeat 1")
+        c = _take(u, s.target, np.random.default_rng([seed, i]))
+        s.taken_records, s.taken_tokens = int(c.sum()), int((c * lengths[i]).sum())
+        counts.append(c)
+    for (p, _), st in zip(sources, states):
+        _check_unchanged(p, st)
+
+    def lines(i):  # the chosen lines of source i, file order; pass e yields the records used more than e times
+        for e in range(int(counts[i].max())):
+            for j, (_, raw, _) in enumerate(read_jsonl(sources[i][0], kind, with_lines=True, progress=False)):
+                if counts[i][j] > e:
+                    yield raw if raw.endswith(b"\n") else raw + b"\n"
+
+    rng = random.Random(seed)
+    streams = [lines(i) for i in range(len(src))]
+    left = [s.taken_records for s in src]
+    with atomic_output(out_path) as out:
+        while any(left):  # pick the next source with probability proportional to what it still has to give
+            i = rng.choices(range(len(left)), weights=left)[0]
+            out.write(next(streams[i]))
+            left[i] -= 1
+    return MixResult(kind, unit, total, src)
+
+
+def format_mix(r: MixResult) -> str:
+    """The table prepare_data.py mix prints: per source, what it has, the target share and the achieved one."""
+    tok = "tokens" if r.unit != "characters" else "characters"
+    all_tok = max(sum(s.taken_tokens for s in r.sources), 1)
+    all_rec = max(sum(s.taken_records for s in r.sources), 1)
+    head = ["source", "records", tok, "target", "taken records", f"taken {tok}", f"{tok} share", "records share",
+            "passes"]
+    rows = [[s.path, f"{s.records:,}", f"{s.tokens:,}", f"{s.share:.1%}", f"{s.taken_records:,}",
+             f"{s.taken_tokens:,}", f"{s.taken_tokens / all_tok:.1%}", f"{s.taken_records / all_rec:.1%}",
+             f"{s.taken_records / s.records:.2f}"] for s in r.sources]
+    rows.append(["total", "", "", "", f"{all_rec:,}", f"{all_tok:,}", "100.0%", "100.0%", ""])
+    w = [max(len(row[k]) for row in [head] + rows) for k in range(len(head))]
+    fmt = lambda row: "  ".join(c.ljust(w[0]) if k == 0 else c.rjust(w[k]) for k, c in enumerate(row))  # noqa
+    return "\n".join([fmt(head), *map(fmt, rows),
+                      f"ratios hold in {r.unit} ({r.kind} records; target total {r.total:,} {r.unit}); "
+                      f"'passes' > 1 means records were repeated"])
