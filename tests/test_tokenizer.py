@@ -4,7 +4,7 @@ import json
 import jinja2
 import pytest
 
-from minimind.tokenizer import CHAT_TEMPLATE, Tokenizer, train_bpe
+from minimind.tokenizer import CHAT_TEMPLATE, CHAT_TOKENS, Tokenizer, train_bpe
 
 ROUND_TRIP = [
     "Hello, world! def f(x): return x ** 2  # ASCII",
@@ -33,7 +33,13 @@ def test_special_tokens_have_ids_0_1_2(tokenizer):
         assert tokenizer.encode(t) == [i]              # one token in running text, never split into bytes
         assert tokenizer.decode([i]) == t
     assert tokenizer.decode([1, 2, 0], skip_special_tokens=True) == ""
-    assert tokenizer.vocab_size == 6400                # the issue's default
+    # MiniMind's 6400 BPE entries (ChatML's three included), then the six think/tool tokens appended after them,
+    # so every id of the original 6400 is unchanged (models trained before keep their meaning).
+    assert tokenizer.vocab_size == 6406
+    for i, t in enumerate(["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>",
+                           "</tool_response>"], 6400):
+        assert tokenizer.tok.token_to_id(t) == i and tokenizer.encode(f"a{t}b")[1] == i    # never split
+        assert tokenizer.decode([i], skip_special_tokens=True) == t   # not "special": decoding keeps them
 
 
 def test_freshly_trained_tokenizer_round_trips_and_reserves_special_ids():
@@ -134,8 +140,9 @@ def test_save_load_round_trip(tokenizer, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"tokenizer.json", "tokenizer_config.json"}
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert (cfg["bos_token"], cfg["eos_token"], cfg["pad_token"]) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
-    assert {int(k): v["content"] for k, v in cfg["added_tokens_decoder"].items()} == \
-        {0: "<|endoftext|>", 1: "<|im_start|>", 2: "<|im_end|>"}
+    assert {int(k): (v["content"], v["special"]) for k, v in cfg["added_tokens_decoder"].items()} == \
+        {0: ("<|endoftext|>", True), 1: ("<|im_start|>", True), 2: ("<|im_end|>", True),
+         **{6400 + i: (t, False) for i, t in enumerate(CHAT_TOKENS)}}
     for source in (str(tmp_path), str(tmp_path / "tokenizer.json")):   # a directory or the file itself
         back = Tokenizer.load(source)
         assert back.vocab_size == tokenizer.vocab_size
@@ -156,6 +163,14 @@ def test_fingerprint_changes_with_the_vocabulary(tokenizer):
 
 
 def test_mask_covers_a_reply_that_starts_with_whitespace(tokenizer):
+    """The chat is encoded in one piece (as transformers' apply_chat_template does), so BPE may merge the '\n'
+    after 'assistant' with the reply's leading spaces into one token. That token holds reply characters, so it is
+    supervised: every character of the reply is learnt, none is lost to the prompt side."""
     conv = [{"role": "user", "content": "indent it"}, {"role": "assistant", "content": "    return x\n"}]
     ids, mask = tokenizer.render_chat(conv)
-    assert [tokenizer.decode(r) for r in runs(ids, mask)] == ["    return x\n<|im_end|>"]
+    assert ids == tokenizer.encode(tokenizer.render_text(conv))
+    (run,) = runs(ids, mask)
+    assert tokenizer.decode(run) in ("    return x\n<|im_end|>", "\n    return x\n<|im_end|>")
+    assert tokenizer.decode(run).endswith("    return x\n<|im_end|>")
+    first = ids.index(run[0])
+    assert tokenizer.decode(ids[:first]).endswith(("<|im_start|>assistant\n", "<|im_start|>assistant"))
