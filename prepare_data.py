@@ -117,7 +117,7 @@ def main():
                    help="tokenizer dir that counts the tokens (default: the bundled one; 'none' = characters)")
     x.add_argument("--kind", default="auto", choices=["auto", *dt.KINDS], help="record format; auto = from keys")
     args = p.parse_args()
-    kind = None if args.kind == "auto" else args.kind
+    kind = None if getattr(args, "kind", "auto") == "auto" else args.kind
 
     # --- run ------------------------------------------------------------------------------------------------
     if args.command == "stats":
