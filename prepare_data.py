@@ -22,6 +22,7 @@ import re
 from minimind import DEFAULT_TOKENIZER, cli
 from minimind import datatools as dt
 from minimind import formats
+from minimind import plot
 from minimind import scrub as pii
 from minimind.tokenizer import Tokenizer
 
@@ -52,6 +53,8 @@ def main():
                    help="tokenizer dir for token counts (default: the bundled one; 'none' = characters only)")
     s.add_argument("--max_seq_len", type=int, default=512, help="report what a window of this many tokens cuts")
     s.add_argument("--limit", type=int, default=0, help="look at the first N records only (0 = all)")
+    s.add_argument("--plot", default=None, metavar="PNG",
+                   help="also draw the per-record length histogram, --max_seq_len marked, as this PNG (needs matplotlib)")
     formats.add_format_args(s)
 
     d = sub.add_parser("dedup", help="remove exact and near duplicates (MinHash + LSH on character n-grams)")
@@ -129,6 +132,9 @@ def main():
             raise cli.UsageError("--data_path: the --dataset_info entry names the file already; drop one")
         if file is None and not args.data_path:
             raise cli.UsageError("stats needs --data_path (or --dataset_info FILE --dataset NAME)")
+        if args.plot:
+            plot.require_matplotlib()   # fail before the (long) counting pass, not after
+        lengths = {}
         for path in [file] if file else args.data_path:
             if not os.path.isfile(path):
                 raise cli.UsageError(f"--data_path {path}: no such file")
@@ -137,8 +143,11 @@ def main():
             if s.format != "minimind" or formats.is_json_array(path):
                 # other formats: counted as what they convert to (kind from the first usable record)
                 reader, k = formats.make_reader(s, bool(args.strict)), formats.convert_kind(path, s)
-            print(dt.format_stats(dt.compute_stats(path, kind or k, tokenizer, args.max_seq_len, args.limit,
-                                                   reader=reader)))
+            st = dt.compute_stats(path, kind or k, tokenizer, args.max_seq_len, args.limit, reader=reader)
+            print(dt.format_stats(st))
+            lengths[path] = st.lengths
+        if args.plot:
+            print(f"length histogram: {plot.plot_lengths(lengths, args.max_seq_len, args.plot, st.unit)}")
         return
     if args.command == "convert":
         file, spec = formats.spec_from_args(args)
