@@ -19,9 +19,9 @@ from minimind import cli
 from minimind.checkpoint import load_model
 from minimind.data import DataError
 from minimind.lora import load_with_adapter
-from minimind.generate import SamplingParams, complete_chats, inference_dtype, quantize_int8, stream_chat
+from minimind.generate import SamplingParams, complete_chats, quantize_int8, stream_chat
 from minimind.tokenizer import Tokenizer
-from minimind.train import pick_device
+from minimind.runtime import pick_device, pick_dtype
 
 DEMO_PROMPTS = [
     "Who are you?",
@@ -101,7 +101,7 @@ def main():
         raise cli.UsageError("--shots must be >= 0")
 
     device = pick_device(args.device)
-    dtype = inference_dtype(args.dtype, device)
+    dtype = pick_dtype(args.dtype, device, training=False)
     if args.lora_path:  # base + adapter, merged into plain weights so generation costs what the base costs
         model = load_with_adapter(args.load_from, args.lora_path, device=device, dtype=dtype).eval()
     else:

@@ -10,15 +10,17 @@ import argparse
 import torch
 from tqdm import tqdm
 
-from minimind import cli
+from minimind import cli, runtime
 from minimind.checkpoint import load_model, unwrap
-from minimind.data import REASONING, Prefetcher, Sampler, load_dpo, pad_batch
+from minimind.data import Sampler, batches_over, holdout, load_dpo, pad_batch, step_batches
+from minimind.flags import add_common_args, add_conversation_args
 from minimind.loss import dpo_loss, token_logprobs
+from minimind.resume import RunState, resume, run_fingerprint
+from minimind.runlog import announce
+from minimind.runtime import autocast
 from minimind.tokenizer import Tokenizer
-from minimind.train import (RunControl, RunLog, add_common_args, autocast, build_model,
-                            configure_optimizer, describe, evaluate, holdout, init_distributed,
-                            lr_at, pick_device, pick_dtype, prepare_model, resume, run_fingerprint, save_checkpoint,
-                            save_final_model, seed_everything, set_lr, setup_hardware, total_steps, train_step)
+from minimind.train import (RunControl, build_model, configure_optimizer, evaluate, lr_schedule, prepare_model,
+                            total_steps, train_step)
 
 
 def sequence_logprobs(model, x, y):
@@ -49,7 +51,8 @@ def dpo_batch_loss(policy, reference, batch, beta: float, label_smoothing: float
     """DPO loss of one batch [chosen rows; rejected rows] (+ precomputed reference log-probs as a third item).
 
     One forward of the policy scores chosen and rejected together; the reference (if not precomputed) scores
-    them under no_grad, so gradients flow only through the policy. Returns (loss, reward margin, accuracy).
+    them under no_grad, so gradients flow only through the policy. Returns (loss, metrics): the implicit
+    rewards' margin (chosen - rejected) and how often chosen wins, which train_step averages over micro-batches.
     """
     x, y, *ref = batch
     policy_lp = sequence_logprobs(policy, x, y)
@@ -61,7 +64,8 @@ def dpo_batch_loss(policy, reference, batch, beta: float, label_smoothing: float
     b = x.shape[0] // 2
     loss, r_chosen, r_rejected = dpo_loss(policy_lp[:b], policy_lp[b:], ref_lp[:b], ref_lp[b:], beta,
                                           label_smoothing, ipo)
-    return loss, (r_chosen - r_rejected).mean(), (r_chosen > r_rejected).float().mean()
+    return loss, {"reward_margin": (r_chosen - r_rejected).mean(),
+                  "reward_accuracy": (r_chosen > r_rejected).float().mean()}
 
 
 def main():
@@ -77,96 +81,64 @@ def main():
     g.add_argument("--precompute_ref", type=int, default=0, choices=[0, 1],
                    help="1 = score every pair with the reference once before training and free it (saves a model's "
                         "memory and a forward per step); 0 = score each batch on the fly, no grad")
-    g.add_argument("--reasoning", default="keep", choices=REASONING,
-                   help="assistant turns' reasoning_content: keep (as '<think>...</think>' before the reply) or drop")
+    add_conversation_args(p, packing=False)  # --reasoning
     args = p.parse_args()
 
-    # --- setup ----------------------------------------------------------------------------------------------
-    rank, local_rank, world = init_distributed()
-    device = pick_device(args.device, local_rank)
-    dtype = pick_dtype(args.dtype, device)
-    setup_hardware(device, args.num_threads)
-    seed_everything(args.seed)
+    # --- setup: device, precision, ranks (torchrun), threads, seeds -----------------------------------------
+    rt = runtime.start(args.device, args.dtype, args.num_threads, args.seed)
 
     # --- policy and frozen reference ------------------------------------------------------------------------
     if args.from_weight == "none":
         raise cli.UsageError("--from_weight: DPO starts from an SFT model directory (e.g. out/sft)")
     tokenizer = Tokenizer.load(args.from_weight)
-    model = prepare_model(build_model(args, tokenizer.vocab_size).to(device), args, device, world, local_rank,
+    model = prepare_model(build_model(args, tokenizer.vocab_size).to(rt.device), args, rt,
                           dynamic=True)  # padded batches vary in length: compile for dynamic shapes
-    reference = load_model(args.from_weight, device=device).eval().requires_grad_(False)
-    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    reference = load_model(args.from_weight, device=rt.device).eval().requires_grad_(False)
+    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
 
     # --- data: each batch is [chosen rows; rejected rows], so one forward scores both -----------------------
     pairs, dropped = load_dpo(args.data_path, tokenizer, args.max_seq_len, args.reasoning)
     ref_cache = None
     if args.precompute_ref:  # score everything once, then drop the reference model
-        ref_cache = reference_logprobs(reference, pairs, 2 * args.batch_size, tokenizer.pad_id, device, dtype)
+        ref_cache = reference_logprobs(reference, pairs, 2 * args.batch_size, tokenizer.pad_id, rt.device, rt.dtype)
         reference = None
     n_val = holdout(len(pairs), args.val_ratio, args.eval_interval > 0)  # --eval_interval: the last pairs
     n_train = len(pairs) - n_val
-    sampler = Sampler(n_train, args.batch_size, args.accumulation_steps, world, rank, seed=args.seed)
+    sampler = Sampler(n_train, args.batch_size, args.accumulation_steps, rt.world, rt.rank, seed=args.seed)
     steps = total_steps(sampler.steps_per_epoch, args.epochs, args.max_steps)
 
     def batch_of(idx):
+        idx = list(idx)
         x, y = pad_batch([pairs[i][0] for i in idx] + [pairs[i][1] for i in idx], tokenizer.pad_id)
         if ref_cache is None:
             return x, y
         return x, y, torch.cat([ref_cache[idx, 0], ref_cache[idx, 1]])  # reference log-probs, same row order
 
-    val_batches = [batch_of(list(range(s, min(s + args.batch_size, len(pairs)))))
-                   for s in range(n_train, len(pairs), args.batch_size)][:args.eval_iters]
+    val_batches = batches_over(batch_of, n_train, len(pairs), args.batch_size, args.eval_iters)
 
     # --- resume: weights, optimizer, random streams and data position of the newest checkpoint -------------
-    fingerprint = run_fingerprint("dpo", unwrap(model).config, tokenizer, args, n_train)
-    start = resume(args, model, optimizer, scaler, sampler, fingerprint, rank, world)
-    spe = sampler.steps_per_epoch
-    keys = [(s // spe, s % spe, m) for s in range(start, steps) for m in range(args.accumulation_steps)]
-    batches = iter(Prefetcher(lambda e, s, m: batch_of(sampler.indices(e, s, m)), keys, device))
-    if rank == 0:
-        print(describe(model, args, device, dtype, (rank, world)))
-        print(f"data {len(pairs)} pairs ({dropped} dropped: no reply within --max_seq_len) | {steps} steps | "
-              f"reference log-probs {'precomputed' if args.precompute_ref else 'per batch'}")
-
-    stats = {}
+    run = RunState(args, rt, model, optimizer, scaler, tokenizer, sampler,
+                   run_fingerprint("dpo", unwrap(model).config, tokenizer, args, n_train))
+    start = resume(run)
+    announce(run, f"data {len(pairs)} pairs ({dropped} dropped: no reply within --max_seq_len) | {steps} steps | "
+             f"reference log-probs {'precomputed' if args.precompute_ref else 'per batch'}")
 
     def loss_fn(model, batch):  # runs under train_step's autocast
-        loss, margin, accuracy = dpo_batch_loss(model, reference, batch, args.beta, args.label_smoothing,
-                                                bool(args.ipo))
-        stats.update(margin=margin, accuracy=accuracy)
-        return loss
+        return dpo_batch_loss(model, reference, batch, args.beta, args.label_smoothing, bool(args.ipo))
 
     # --- loop -----------------------------------------------------------------------------------------------
-    ctl = RunControl(args, device, scaler, rank, world,
-                     save=lambda done: save_checkpoint(args, done, model, optimizer, scaler, tokenizer, sampler,
-                                                       fingerprint, rank, world),
-                     final=lambda: save_final_model(model, tokenizer, args.out_dir, rank))
-    done = start
-    model.train()
-    log = RunLog(args, steps, start=start, enabled=rank == 0, desc="dpo")
-    with log:  # closes the bar even on an error, so that `error: ...` gets a line of its own
-        for step in range(start, steps):
-            lr = lr_at(step, steps, args.warmup_iters, args.learning_rate, args.min_lr_ratio)
-            set_lr(optimizer, lr)
-            micro_batches = [next(batches) for _ in range(args.accumulation_steps)]
-            loss, grad_norm = train_step(model, optimizer, scaler, micro_batches, device, dtype, args.grad_clip,
-                                         loss_fn, poison=step == args.debug_nan_at_step)
-            ctl.record(step, loss, grad_norm)
-            log.update()
-            done = step + 1  # optimizer steps completed; a checkpoint named step_N resumes at step N
-            if step % args.log_interval == 0 or done == steps:
-                ctl.check()
-                log.log(step, loss=loss.item(), lr=lr, grad_norm=grad_norm.item(),
-                        reward_margin=stats["margin"].item(), reward_accuracy=stats["accuracy"].item())
-            if args.eval_interval and (done % args.eval_interval == 0 or done == steps):
-                log.log(step, val_loss=evaluate(model, val_batches, device, dtype, loss_fn, world, rank,
-                                                per_token=False))
-            if ctl.step_done(done, steps):  # checkpoint when due; SIGTERM: save and stop
+    lr_at = lr_schedule(args)
+    validate = lambda: evaluate(run, val_batches, loss_fn, per_token=False)  # noqa: E731 - the mean DPO loss
+    with RunControl(run, steps, start, "dpo", validate=validate) as ctl:
+        for step, micro_batches in step_batches(batch_of, sampler, start, steps, rt.device):
+            out = train_step(run, micro_batches, lr_at(step, steps), loss_fn, poison=step == args.debug_nan_at_step)
+            if ctl.step_done(step, out):  # log (with reward margin/accuracy), evaluate, checkpoint; SIGTERM: stop
                 break
 
     # --- save -----------------------------------------------------------------------------------------------
-    ctl.finish(done, steps)
+    ctl.finish()
+
 
 if __name__ == "__main__":
     cli.run(main)

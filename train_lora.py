@@ -13,15 +13,16 @@ import argparse
 
 import torch
 
-from minimind import cli
+from minimind import cli, runtime
 from minimind.checkpoint import unwrap
-from minimind.data import REASONING, LengthGroupedBatches, PackedConversations, Prefetcher, Sampler, load_sft, pad_batch
+from minimind.data import Sampler, holdout, load_sft, sft_batches, split_validation, step_batches
+from minimind.flags import add_common_args, add_conversation_args
 from minimind.lora import DEFAULT_TARGETS, cast_frozen, inject_lora, merge_to_dir, save_adapter, trainable_parameters
+from minimind.resume import RunState
+from minimind.runlog import announce
 from minimind.tokenizer import Tokenizer
-from minimind.train import (RunControl, RunLog, add_common_args, build_model,
-                            configure_optimizer, describe, evaluate, holdout, init_distributed, lr_at, pick_device,
-                            pick_dtype, prepare_model, seed_everything, set_lr, setup_hardware, total_steps,
-                            train_step)
+from minimind.train import (RunControl, build_model, configure_optimizer, evaluate, lr_schedule, prepare_model,
+                            total_steps, train_step)
 
 
 def main():
@@ -29,12 +30,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p, data_path="dataset/default/sft.jsonl", out_dir="out/lora", from_weight="out/sft",
                     epochs=2, batch_size=16, learning_rate=1e-4, max_seq_len=512)
-    g = p.add_argument_group("SFT data (as train_full_sft.py)")
-    g.add_argument("--packing", type=int, default=1, choices=[0, 1],
-                   help="1 = pack several conversations per --max_seq_len window, attention kept inside each; "
-                        "0 = batches of similar length padded to the batch's longest")
-    g.add_argument("--reasoning", default="keep", choices=REASONING,
-                   help="assistant turns' reasoning_content: keep = train on '<think>...</think>', drop = ignore")
+    add_conversation_args(p)  # --packing, --reasoning: the same data as train_full_sft.py
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora_targets", default=",".join(DEFAULT_TARGETS),
                    help="comma-separated Linear layer names to adapt (a module matches if its name ends with one)")
@@ -66,87 +62,55 @@ def main():
     if args.fsdp:
         raise cli.UsageError("--fsdp: LoRA's trainable state is a few MB; under torchrun it uses DDP (drop --fsdp)")
 
-    # --- setup ----------------------------------------------------------------------------------------------
-    rank, local_rank, world = init_distributed()
-    device = pick_device(args.device, local_rank)
-    dtype = pick_dtype(args.dtype, device)
-    setup_hardware(device, args.num_threads)
-    seed_everything(args.seed)
+    # --- setup: device, precision, ranks (torchrun), threads, seeds -----------------------------------------
+    rt = runtime.start(args.device, args.dtype, args.num_threads, args.seed)
 
     # --- model: load the base, wrap the target Linears, freeze everything but A and B -----------------------
     tokenizer = Tokenizer.load(args.from_weight)
     model = build_model(args, tokenizer.vocab_size)
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     wrapped = inject_lora(model, targets, args.lora_rank, args.lora_alpha, args.lora_dropout)
-    model = model.to(device)
-    if args.base_dtype == "auto" and dtype != torch.float32:
-        cast_frozen(model, dtype)  # frozen weights never need fp32: autocast would round them to dtype anyway
-    model = prepare_model(model, args, device, world, local_rank, dynamic=not args.packing)
-    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, device)  # sees A/B only
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    model = model.to(rt.device)
+    if args.base_dtype == "auto" and rt.dtype != torch.float32:
+        cast_frozen(model, rt.dtype)  # frozen weights never need fp32: autocast would round them to dtype anyway
+    model = prepare_model(model, args, rt, dynamic=not args.packing)
+    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, rt.device)  # sees A/B only
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
 
-    # --- data: render each conversation to ids + assistant-only targets, then pack or group them -------------
+    # --- data: exactly as train_full_sft.py (replies supervised; packed or length-grouped) ------------------
     examples, dropped = load_sft(args.data_path, tokenizer, args.max_seq_len, args.reasoning)
-    n_val = holdout(len(examples), args.val_ratio, args.eval_interval > 0)  # --eval_interval: the last ones
-    examples, held_out = examples[:len(examples) - n_val], examples[len(examples) - n_val:]
-    val_batches = [pad_batch(held_out[s:s + args.batch_size], tokenizer.pad_id)
-                   for s in range(0, n_val, args.batch_size)][:args.eval_iters]
-    if args.packing:
-        data = PackedConversations(examples, args.max_seq_len, tokenizer.pad_id)
-        sampler = Sampler(len(data), args.batch_size, args.accumulation_steps, world, rank, seed=args.seed)
-    else:
-        data = LengthGroupedBatches(examples, args.batch_size, tokenizer.pad_id)
-        sampler = Sampler(len(data), 1, args.accumulation_steps, world, rank, seed=args.seed)
+    examples, val_batches = split_validation(examples, holdout(len(examples), args.val_ratio, args.eval_interval > 0),
+                                             args.batch_size, args.eval_iters, tokenizer.pad_id)
+    data, per_batch = sft_batches(examples, args.packing, args.batch_size, args.max_seq_len, tokenizer.pad_id)
+    sampler = Sampler(len(data), per_batch, args.accumulation_steps, rt.world, rt.rank, seed=args.seed)
     steps = total_steps(sampler.steps_per_epoch, args.epochs, args.max_steps)
-    spe = sampler.steps_per_epoch
-    keys = [(s // spe, s % spe, m) for s in range(steps) for m in range(args.accumulation_steps)]
-    batches = iter(Prefetcher(lambda e, s, m: data.get(sampler.indices(e, s, m)), keys, device))
-    if rank == 0:
-        n_train, n_all = trainable_parameters(model), sum(p.numel() for p in unwrap(model).parameters())
-        print(describe(model, args, device, dtype, (rank, world)))
-        print(f"lora r={args.lora_rank} alpha={args.lora_alpha:g} on {len(wrapped)} Linear layers | trainable "
-              f"{n_train / 1e6:.3f}M of {n_all / 1e6:.2f}M params ({100 * n_train / n_all:.2f}%)")
-        print(f"data {len(examples)} conversations in {len(data)} {'windows' if args.packing else 'batches'} | "
-              f"{sum(e.truncated for e in examples)} truncated | {dropped} dropped (no reply fits) | {steps} steps")
-
-    def sft_loss(model, batch):
-        """Packed batches carry doc_ids: the model keeps attention inside each conversation."""
-        x, y, *doc_ids = batch
-        return model(x, targets=y, doc_ids=doc_ids[0] if doc_ids else None)
+    run = RunState(args, rt, model, optimizer, scaler, tokenizer, sampler)
+    n_train, n_all = trainable_parameters(model), sum(p.numel() for p in unwrap(model).parameters())
+    announce(run, f"lora r={args.lora_rank} alpha={args.lora_alpha:g} on {len(wrapped)} Linear layers | trainable "
+             f"{n_train / 1e6:.3f}M of {n_all / 1e6:.2f}M params ({100 * n_train / n_all:.2f}%)",
+             f"data {len(examples)} conversations in {len(data)} {'windows' if args.packing else 'batches'} | "
+             f"{sum(e.truncated for e in examples)} truncated | {dropped} dropped (no reply fits) | {steps} steps")
 
     def save(done: int) -> str:
-        if rank == 0:  # the adapter alone (A/B); the frozen base is never written
+        if rt.main:  # the adapter alone (A/B); the frozen base is never written
             save_adapter(model, args.out_dir, args.from_weight, targets,
                          extra={"steps": done, "data_path": args.data_path})
         return args.out_dir
 
-    # --- loop -----------------------------------------------------------------------------------------------
-    done = 0
-    ctl = RunControl(args, device, scaler, rank, world, save=save, final=lambda: save(done), resumable=False)
-    model.train()
-    with RunLog(args, steps, enabled=rank == 0, desc="lora") as log:
-        for step in range(steps):
-            lr = lr_at(step, steps, args.warmup_iters, args.learning_rate, args.min_lr_ratio)
-            set_lr(optimizer, lr)
-            micro_batches = [next(batches) for _ in range(args.accumulation_steps)]
-            loss, grad_norm = train_step(model, optimizer, scaler, micro_batches, device, dtype, args.grad_clip,
-                                         sft_loss, poison=step == args.debug_nan_at_step)
-            ctl.record(step, loss, grad_norm)
-            log.update()
-            done = step + 1
-            if step % args.log_interval == 0 or done == steps:
-                ctl.check()
-                log.log(step, loss=loss.item(), lr=lr, grad_norm=grad_norm.item())
-            if args.eval_interval and (done % args.eval_interval == 0 or done == steps):
-                log.log(step, val_loss=evaluate(model, val_batches, device, dtype, sft_loss, world, rank))
-            if ctl.step_done(done, steps):  # adapter saved when due; SIGTERM: save it and stop
+    # --- loop: the SFT loss (train.lm_loss); only A and B get gradients -------------------------------------
+    lr_at = lr_schedule(args)
+    with RunControl(run, steps, 0, "lora", validate=lambda: evaluate(run, val_batches), save=save,
+                    final=lambda: save(ctl.done), resumable=False) as ctl:
+        for step, micro_batches in step_batches(data.get, sampler, 0, steps, rt.device):
+            out = train_step(run, micro_batches, lr_at(step, steps), poison=step == args.debug_nan_at_step)
+            if ctl.step_done(step, out):  # log, evaluate, save the adapter when due; SIGTERM: save it and stop
                 break
 
     # --- save: the adapter alone ----------------------------------------------------------------------------
-    ctl.finish(done, steps)
-    if rank == 0:
-        print(f"adapter after {done}/{steps} steps in {args.out_dir}\nmerge it with: python train_lora.py --merge 1 "
-              f"--from_weight {args.from_weight} --lora_path {args.out_dir} --out_dir {args.out_dir}_merged")
+    ctl.finish()
+    if rt.main:
+        print(f"adapter after {ctl.done}/{steps} steps in {args.out_dir}\nmerge it with: python train_lora.py "
+              f"--merge 1 --from_weight {args.from_weight} --lora_path {args.out_dir} --out_dir {args.out_dir}_merged")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ def worker(args) -> dict:
     from minimind.config import preset
     from minimind.lora import cast_frozen, inject_lora
     from minimind.model import MiniMindForCausalLM
-    from minimind.train import configure_optimizer, pick_device, pick_dtype, setup_hardware, train_step
+    from minimind.resume import RunState
+    from minimind.runtime import Runtime, pick_device, pick_dtype, setup_hardware
+    from minimind.train import configure_optimizer, train_step
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -55,6 +57,7 @@ def worker(args) -> dict:
             cast_frozen(model, dtype)
     optimizer = configure_optimizer(model, 1e-4, 0.01, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    run = RunState(argparse.Namespace(grad_clip=1.0), Runtime(0, 0, 1, device, dtype), model, optimizer, scaler, None)
     V, B, T = model.config.vocab_size, args.batch_size, args.max_seq_len
     g = torch.Generator().manual_seed(0)
     x = torch.randint(3, V, (B, T + 1), generator=g)
@@ -63,7 +66,7 @@ def worker(args) -> dict:
     grad_bytes = 0
     for step in range(args.steps + 1):  # step 0 warms up (allocator, optimizer state), not timed
         t = time.perf_counter()
-        loss, _ = train_step(model, optimizer, scaler, [batch], device, dtype, 1.0)
+        loss = train_step(run, [batch], 1e-4).loss
         loss.item()
         if device.type == "cuda":
             torch.cuda.synchronize()

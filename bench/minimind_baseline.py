@@ -41,7 +41,7 @@ sys.path.insert(1, HERE)
 from minimind import DEFAULT_TOKENIZER  # noqa: E402
 from minimind.data import PackedWindows, pretokenize  # noqa: E402
 from minimind.tokenizer import Tokenizer  # noqa: E402
-from minimind.train import add_common_args  # noqa: E402
+from minimind.flags import add_common_args  # noqa: E402
 from train_throughput import Runner  # noqa: E402
 
 

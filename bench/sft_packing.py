@@ -31,9 +31,11 @@ from minimind import DEFAULT_TOKENIZER  # noqa: E402
 from minimind.config import preset  # noqa: E402
 from minimind.data import LengthGroupedBatches, PackedConversations, load_sft  # noqa: E402
 from minimind.loss import IGNORE  # noqa: E402
-from minimind.model import MiniMindForCausalLM, document_mask, document_positions  # noqa: E402
+from minimind.model import AttentionMask, MiniMindForCausalLM, document_positions  # noqa: E402
+from minimind.resume import RunState  # noqa: E402
+from minimind.runtime import Runtime, pick_device, pick_dtype  # noqa: E402
 from minimind.tokenizer import Tokenizer  # noqa: E402
-from minimind.train import configure_optimizer, pick_device, pick_dtype, train_step  # noqa: E402
+from minimind.train import configure_optimizer, train_step  # noqa: E402
 
 SHARED = os.environ.get("MINIMIND_SHARED_DATA",
                         os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -52,15 +54,15 @@ def pad_to_max(examples, rows, T, pad_id):
 
 
 def make_loss_fn(backend, dtype):
-    """Next-token loss; packed batches (x, y, doc_ids) get document masking by `backend` (see document_mask)."""
+    """Next-token loss; packed batches (x, y, doc_ids) get document masking by `backend` (AttentionMask.documents)."""
     def loss_fn(model, batch):
         x, y, *doc_ids = batch
         if not doc_ids:
-            return model(x, targets=y)
+            return model(x, targets=y), {}
         if backend == "auto":
-            return model(x, targets=y, doc_ids=doc_ids[0])
-        mask = document_mask(doc_ids[0], backend, dtype if backend == "sdpa" else None)
-        return model(x, targets=y, doc_ids=mask, position_ids=document_positions(doc_ids[0]))
+            return model(x, targets=y, doc_ids=doc_ids[0]), {}
+        mask = AttentionMask.documents(doc_ids[0], backend, dtype if backend == "sdpa" else None)
+        return model(x, targets=y, mask=mask, position_ids=document_positions(doc_ids[0])), {}
     return loss_fn
 
 
@@ -123,9 +125,10 @@ def main():
     runs = {}
     for name in makers:
         model = copy.deepcopy(base).to(device).train()
-        runs[name] = dict(model=model, opt=configure_optimizer(model, 1e-4, 0.01, device), time=0.0, cpu=0.0,
-                          pos=0, next=0)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        opt = configure_optimizer(model, 1e-4, 0.01, device)
+        runs[name] = dict(model=model, opt=opt, time=0.0, cpu=0.0, pos=0, next=0,
+                          state=RunState(argparse.Namespace(grad_clip=1.0), Runtime(0, 0, 1, device, dtype), model,
+                                         opt, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), tok))
 
     print(f"{len(examples)} conversations ({dropped} dropped, {sum(e.truncated for e in examples)} truncated) | "
           f"{args.preset} {base.num_parameters() / 1e6:.1f}M | {device} {str(dtype).replace('torch.', '')} | "
@@ -144,7 +147,7 @@ def main():
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 t0, c0 = time.perf_counter(), time.process_time()
-                loss, _ = train_step(r["model"], r["opt"], scaler, [batch], device, dtype, 1.0, loss_fns[name])
+                loss = train_step(r["state"], [batch], 1e-4, loss_fns[name]).loss
                 loss.item()                      # waits for the device
                 done += batch[0].numel()
                 if s == 0:

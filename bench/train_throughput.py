@@ -42,10 +42,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minimind import DEFAULT_TOKENIZER  # noqa: E402
 from minimind.checkpoint import unwrap  # noqa: E402
 from minimind.data import PackedWindows, Prefetcher, Sampler, pretokenize  # noqa: E402
+from minimind.flags import add_common_args  # noqa: E402
 from minimind.loss import IGNORE  # noqa: E402
+from minimind.resume import RunState  # noqa: E402
+from minimind.runtime import Runtime, pick_device, pick_dtype, seed_everything, setup_hardware  # noqa: E402
 from minimind.tokenizer import Tokenizer  # noqa: E402
-from minimind.train import (add_common_args, build_model, configure_optimizer, lr_at, pick_device,  # noqa: E402
-                            pick_dtype, prepare_model, seed_everything, set_lr, setup_hardware, train_step)
+from minimind.train import build_model, configure_optimizer, lm_loss, lr_at, prepare_model, train_step  # noqa: E402
 
 PEAKS = {"H100": (989e12, 787e12), "H200": (989e12, None), "A100": (312e12, None)}  # (datasheet, measured)
 PSEUDO = {"loss": "fused", "gc": 0, "prefetch": 1}
@@ -68,7 +70,7 @@ def plain_loss(model, batch):
     """The unfused baseline: all (B, T, V) logits, upcast to fp32, then F.cross_entropy."""
     x, y = batch
     logits = model(x)
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE)
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE), {}
 
 
 class Runner:
@@ -88,10 +90,12 @@ class Runner:
         self.args, self.device = args, device
         self.dtype = pick_dtype(args.dtype, device)
         seed_everything(args.seed)
-        self.model = prepare_model(build_model(args, tokenizer.vocab_size).to(device), args, device, world, 0)
+        rt = Runtime(rank, 0, world, device, self.dtype)
+        self.model = prepare_model(build_model(args, tokenizer.vocab_size).to(device), args, rt)
         self.optimizer = configure_optimizer(self.model, args.learning_rate, args.weight_decay, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.model.train()
+        self.run_state = RunState(args, rt, self.model, self.optimizer, self.scaler, tokenizer)
         self.sampler = Sampler(len(windows), args.batch_size, args.accumulation_steps, world, rank, seed=args.seed)
         spe = self.sampler.steps_per_epoch
         self.total = 10 ** 6
@@ -101,7 +105,7 @@ class Runner:
             self.batches = iter(Prefetcher(make, keys, device))
         else:
             self.batches = (tuple(t.to(device) for t in make(*k)) for k in keys)
-        self.loss_fn = plain_loss if self.pseudo["loss"] == "plain" else None
+        self.loss_fn = plain_loss if self.pseudo["loss"] == "plain" else lm_loss
         self.tokens_per_step = args.batch_size * args.max_seq_len * args.accumulation_steps * world
         self.flops_per_token = unwrap(self.model).config.flops_per_token(args.max_seq_len)
         self.n = 0
@@ -109,10 +113,9 @@ class Runner:
 
     def step(self):
         a = self.args
-        set_lr(self.optimizer, lr_at(self.n, self.total, a.warmup_iters, a.learning_rate, a.min_lr_ratio))
+        lr = lr_at(self.n, self.total, a.warmup_iters, a.learning_rate, a.min_lr_ratio)
         micro = [next(self.batches) for _ in range(a.accumulation_steps)]
-        loss, _ = train_step(self.model, self.optimizer, self.scaler, micro, self.device, self.dtype, a.grad_clip,
-                             self.loss_fn)
+        loss = train_step(self.run_state, micro, lr, self.loss_fn).loss
         self.n += 1
         return loss
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
-import time
 
 import torch
 from safetensors.torch import save_file
@@ -22,16 +20,6 @@ from .model import MiniMindForCausalLM
 from .tokenizer import Tokenizer
 
 
-
-
-def hf_architecture(config: ModelConfig) -> tuple[str, str]:
-    """The transformers class whose maths equals ours for this config: (architecture, model_type). See hf.py."""
-    return hf.hf_architecture(config)
-
-
-def config_json(config: ModelConfig) -> dict:
-    """config.json contents: the keys (and meanings) of that transformers class, nothing else (see hf.py)."""
-    return hf.to_hf_config(config)
 
 
 def atomic_dir(target: str, keep: tuple[str, ...] = ()):
@@ -84,13 +72,24 @@ def _link_tree(src: str, dst: str) -> None:
         link(src, dst)
 
 
+# A tied head IS the embedding matrix (model.py): files store it once, under the embedding's name.
+HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+
+
+def untie(sd: dict, config: ModelConfig) -> dict:
+    """The state dict as files hold it: without lm_head.weight when the head is tied to the embedding."""
+    return {k: v for k, v in sd.items() if k != HEAD} if config.tie_word_embeddings else dict(sd)
+
+
+def retie(sd: dict, config: ModelConfig) -> dict:
+    """The reverse of untie: the head's entry back, for loaders that expect every parameter by name (FSDP)."""
+    return {**sd, HEAD: sd[EMBEDDING]} if config.tie_word_embeddings else dict(sd)
+
+
 def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Plain tensors with HF names: unwraps DDP/compile, drops the tied head (safetensors stores it once)."""
     model = unwrap(model)
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    return sd
+    return untie({k: v.detach().contiguous() for k, v in model.state_dict().items()}, model.config)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -104,6 +103,109 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def is_fsdp(model: torch.nn.Module) -> bool:
+    """True when fully_shard split the model's parameters across ranks (saving/loading then gathers them)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        return False
+    return isinstance(unwrap(model), FSDPModule)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading weights: files -> one state dict with our names (hf.py renames foreign ones)
+# ---------------------------------------------------------------------------------------------------------------
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
+
+
+def weights_file(path: str) -> str | None:
+    """The weight file (or shard index) of a model directory, in transformers' order of preference."""
+    for name in WEIGHT_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    return None
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of a model directory or weight file: safetensors (sharded or not), pytorch_model.bin, .pth."""
+    if os.path.isdir(path):
+        file = weights_file(path)
+        if file is None:
+            raise CheckpointError(f"{path}: no model.safetensors (nor a sharded model.safetensors.index.json or "
+                         f"pytorch_model.bin)")
+    elif os.path.isfile(path):
+        file = path
+    else:
+        raise CheckpointError(f"{path}: no such model directory or weight file")
+    if file.endswith(".index.json"):
+        return _read_sharded(file)
+    return _read_one(file)
+
+
+def _read_one(file: str) -> dict[str, torch.Tensor]:
+    if file.endswith(".safetensors"):
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(file, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    try:  # .pth / .bin: weights only, so a checkpoint cannot run code on load
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad pickle; all mean "unreadable"
+        raise CheckpointError(f"{file}: not a readable PyTorch weight file ({type(e).__name__}: {e})".split("\n")[0]) from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # MiniMind's *_resume.pth
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{file}: expected a state dict (name -> tensor)")
+    return obj
+
+
+def _read_sharded(index_file: str) -> dict[str, torch.Tensor]:
+    """transformers' sharded layout: the index maps each tensor name to the shard file holding it."""
+    try:
+        with open(index_file, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_file}: not a shard index with a 'weight_map' ({e})") from None
+    folder, sd = os.path.dirname(index_file), {}
+    for shard in sorted(set(weight_map.values())):
+        shard_file = os.path.join(folder, shard)
+        if not os.path.isfile(shard_file):
+            raise CheckpointError(f"{index_file}: shard {shard} is missing")
+        tensors = _read_one(shard_file)
+        for name, where in weight_map.items():
+            if where == shard:
+                if name not in tensors:
+                    raise CheckpointError(f"{shard_file}: missing tensor {name} (listed in {os.path.basename(index_file)})")
+                sd[name] = tensors[name]
+    return sd
+
+
+def read_checkpoint(path: str, config: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, state dict with our names) for a model directory or a weight file (.pth/.bin/.safetensors)."""
+    model_type = None
+    if os.path.isdir(path):
+        cfg_file = os.path.join(path, "config.json")
+        if config is None:
+            if not os.path.isfile(cfg_file):
+                raise CheckpointError(f"{path}: no config.json (is this a model directory written by a train_*.py?)")
+            config, model_type = hf.read_config(cfg_file)
+        sd = read_weights(path)
+        source = weights_file(path)
+        if model_type == "minimind":  # MiniMind2 (no q/k norm) vs MiniMind-3: clearest from the tensors themselves
+            config.qk_norm = any(k.endswith("self_attn.q_norm.weight") for k in sd)
+    else:
+        sd = read_weights(path)
+        source = path
+        config = config or hf.config_from_state_dict(sd, path)
+    return config, hf.to_minimind_names(sd, config, model_type, source)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing and loading model directories
+# ---------------------------------------------------------------------------------------------------------------
 # What a training run keeps beside its model files in --out_dir; saving the final model must not delete them.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "swanlog")
 
@@ -123,11 +225,10 @@ def save_model(model: torch.nn.Module, tokenizer: Tokenizer | None, out_dir: str
 def write_model_files(tmp: str, cfg: ModelConfig, sd: dict, tokenizer: Tokenizer | None = None,
                       extra_files: dict | None = None) -> None:
     """config.json + model.safetensors + generation_config.json (+ tokenizer files) into an existing directory."""
-    if cfg.tie_word_embeddings:
-        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}  # safetensors stores a shared tensor once
+    sd = untie(sd, cfg)  # safetensors stores a shared tensor once
     sd = {**sd, **hf.export_extra_tensors(cfg, sd)}  # e.g. zero o_proj biases that the HF class expects
     save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    d = config_json(cfg)
+    d = hf.to_hf_config(cfg)   # the keys (and meanings) of the transformers class whose maths equals ours
     d["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
     with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
         json.dump(d, f, indent=2, ensure_ascii=False)
@@ -154,15 +255,12 @@ def load_config(path: str) -> ModelConfig:
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     """All tensors of a model directory (model.safetensors, sharded or not, or pytorch_model.bin) or weight file,
     renamed to ours. Checking them against a config is load_weights_into's job."""
-    return hf.load_checkpoint(path)[1]
+    return read_checkpoint(path)[1]
 
 
 def load_weights_into(model: MiniMindForCausalLM, sd: dict[str, torch.Tensor], source: str) -> None:
     """Copy tensors into the model; any missing, extra or mis-shaped tensor is a one-line error."""
-    own = model.state_dict()
-    if model.config.tie_word_embeddings:
-        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
-        own.pop("lm_head.weight", None)
+    own, sd = untie(model.state_dict(), model.config), untie(sd, model.config)
     missing = sorted(set(own) - set(sd))
     extra = sorted(set(sd) - set(own))
     if missing:
@@ -188,99 +286,10 @@ def load_model(path: str, device="cpu", dtype: torch.dtype | None = torch.float3
     not, or pytorch_model.bin), MiniMind's transformers dir, or a MiniMind .pth state dict (its config is read
     off the tensor shapes unless `config` is given). dtype None keeps the stored dtype.
     """
-    config, sd = hf.load_checkpoint(path, config)
+    config, sd = read_checkpoint(path, config)
     model = MiniMindForCausalLM(config)
-    load_weights_into(model, sd, (hf.weights_file(path) or path) if os.path.isdir(path) else path)
+    load_weights_into(model, sd, (weights_file(path) or path) if os.path.isdir(path) else path)
     if dtype is None:
         dtype = getattr(torch, str(config.torch_dtype), None)
         dtype = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
     return model.to(device=device, dtype=dtype)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training checkpoints: everything `--from_resume 1` needs to continue a run exactly where it stopped
-# ---------------------------------------------------------------------------------------------------------------
-# OUT_DIR/checkpoints/step_000120/ is a complete model directory (load_model and eval_model.py read it) plus:
-#   optimizer.pt        optimizer and loss-scaler state (torch.save; loaded with weights_only=True)
-#   rng.pt              every random stream (python, numpy, torch CPU, CUDA) of every rank
-#   trainer_state.json  step, epoch, samples consumed, batch layout and the run's fingerprint (human-readable)
-# Each one is written into a temp dir and renamed (atomic_dir): a crash mid-save leaves the previous ones intact.
-CHECKPOINTS = "checkpoints"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def checkpoint_path(out_dir: str, step: int) -> str:
-    return os.path.join(out_dir, CHECKPOINTS, f"step_{step:06d}")
-
-
-def list_checkpoints(out_dir: str) -> list[str]:
-    """Complete checkpoints under out_dir/checkpoints, oldest first (temp dirs of an interrupted save are skipped)."""
-    root = os.path.join(out_dir, CHECKPOINTS)
-    if not os.path.isdir(root):
-        return []
-    found = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root)
-             if (m := _STEP_DIR.match(name)) and os.path.isfile(os.path.join(root, name, "trainer_state.json"))]
-    return [path for _, path in sorted(found)]
-
-
-def _fsync_tree(path: str) -> None:
-    """Flush files to disk before the rename, so a power cut cannot leave a renamed but empty checkpoint."""
-    for name in os.listdir(path):
-        fd = os.open(os.path.join(path, name), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _debug_stall(step: int) -> None:
-    """Test hook: MINIMIND_DEBUG_SAVE_STALL='STEP:SECONDS' sleeps inside the temp dir of checkpoint STEP, before
-    the rename, so a test can kill the writer mid-save (tests/test_engine.py). Not for normal use."""
-    hook = os.environ.get("MINIMIND_DEBUG_SAVE_STALL")
-    if hook and int(hook.split(":")[0]) == step:
-        time.sleep(float(hook.split(":")[1]))
-
-
-def save_training_checkpoint(out_dir: str, step: int, config: ModelConfig, model_state: dict,
-                             tokenizer: Tokenizer | None, optimizer_state: dict, rng_states: list,
-                             trainer_state: dict, keep: int = 2) -> str:
-    """Write OUT_DIR/checkpoints/step_N atomically, then delete all but the newest `keep`. Returns its path."""
-    path = checkpoint_path(out_dir, step)
-    with atomic_dir(path) as tmp:
-        write_model_files(tmp, config, model_state, tokenizer)
-        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
-        torch.save(rng_states, os.path.join(tmp, "rng.pt"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
-            json.dump(trainer_state, f, indent=2, ensure_ascii=False)
-        _fsync_tree(tmp)
-        _debug_stall(step)
-    for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def load_training_checkpoint(path: str) -> dict:
-    """{'state': trainer_state.json, 'model': tensors, 'optimizer': ..., 'rng': [per-rank states]}; one-line errors."""
-    out = {}
-    try:
-        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
-            out["state"] = json.load(f)
-        out["model"] = load_state_dict(path)
-        for name in ("optimizer", "rng"):
-            out[name] = torch.load(os.path.join(path, f"{name}.pt"), map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
-    except Exception as e:  # missing file, truncated pickle, bad JSON: say which checkpoint and why
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e}); delete it to resume from "
-                              f"the one before") from None
-    return out
-
-
-def clean_partial_checkpoints(out_dir: str) -> int:
-    """Remove temp dirs left by a save that was killed before its rename. Returns how many were removed."""
-    root = os.path.join(out_dir, CHECKPOINTS)
-    stale = [n for n in (os.listdir(root) if os.path.isdir(root) else [])
-             if n.startswith(".step_") and (".tmp-" in n or ".old-" in n)]
-    for name in stale:
-        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    return len(stale)

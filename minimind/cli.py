@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import sys
 
-from .errors import MiniMindError, UsageError  # noqa: F401  (UsageError: re-exported for scripts)
+from .errors import MiniMindError, UsageError
+
+__all__ = ["run", "UsageError"]  # UsageError: scripts raise cli.UsageError for a bad flag
 
 
 def run(main) -> None:

@@ -5,7 +5,6 @@ biases), so config.json files go through hf.py both ways. Presets give the sizes
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -62,18 +61,6 @@ class ModelConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def save(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
-
-    @classmethod
-    def load(cls, path: str) -> "ModelConfig":
-        """Any config.json: ours (save() or a model directory's), transformers' (Qwen3, Qwen3-MoE, Qwen2, Llama) or
-        MiniMind's. Keys are translated, not copied (e.g. Qwen3's attention_bias also covers o_proj): see hf.py."""
-        from .hf import read_config_file  # late import: hf.py imports this module
-        return read_config_file(path)
-
-    # --- size ---------------------------------------------------------------------------------------------
     def num_parameters(self) -> int:
         """Parameter count from the formula (tests check it against the built model)."""
         h, d, L = self.hidden_size, self.head_dim, self.num_hidden_layers

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import os
 import tempfile
 import threading
@@ -23,9 +22,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import DataError
+from .errors import DataError, UsageError
+from .jsonio import check_file, json_lines
 from .loss import IGNORE
-from .tokenizer import ROLES, Tokenizer
+from .tokenizer import END_THINK, ROLES, Tokenizer, check_chat, fold_reasoning, split_reasoning
 
 
 
@@ -47,11 +47,22 @@ def _check_messages(msgs, where: str, field: str) -> None:
         if m["role"] not in ROLES:
             raise DataError(f"{where}: {field}[{i}] has role {m['role']!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
-            raise DataError(f"{where}: {field}[{i}] content must be a string")
+            hint = ' (use "" for an assistant turn whose work is in tool_calls)' if m["content"] is None else ""
+            raise DataError(f"{where}: {field}[{i}] content must be a string{hint}")
         if m.get("reasoning_content") is not None and not isinstance(m["reasoning_content"], str):
             raise DataError(f"{where}: {field}[{i}] reasoning_content must be a string")
+        # An SFT reply with nothing in it teaches the model to answer nothing (e.g. a tool-call turn whose
+        # tool_calls a converter lost). DPO keeps empty replies: a rejected empty answer is a real signal.
+        if (field == "conversations" and m["role"] == "assistant" and not m["content"].strip()
+                and not m.get("tool_calls") and not m.get("reasoning_content")):
+            raise DataError(f"{where}: {field}[{i}] is an assistant turn with no content, tool_calls or "
+                            f"reasoning_content: nothing to learn; fill it in or drop the turn")
     if not any(m["role"] == "assistant" for m in msgs):
         raise DataError(f"{where}: '{field}' has no assistant turn to learn from")
+    try:  # tools, tool_calls, tool turns: anything the chat templates cannot write faithfully (tokenizer.py)
+        check_chat(msgs, name=field)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
 
 
 def validate(obj, kind: str, where: str) -> None:
@@ -83,22 +94,20 @@ def read_jsonl(path: str, kind: str, progress: bool = True, with_lines: bool = F
 
     with_lines: yield (line number, raw line bytes, record) instead, for tools that copy lines unchanged.
     """
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"read {os.path.basename(path)}",
-                                     disable=not progress or size < (1 << 20), leave=False) as bar:
-        for lineno, raw in enumerate(f, 1):
+    check_file(path)
+    size, records = os.path.getsize(path), 0
+    with tqdm(total=size, unit="B", unit_scale=True, desc=f"read {os.path.basename(path)}",
+              disable=not progress or size < (1 << 20), leave=False) as bar:
+        for lineno, raw, obj in json_lines(path):
             bar.update(len(raw))
-            if not raw.strip():
-                continue  # blank lines are harmless
             where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
             validate(obj, kind, where)
+            records += 1
             yield (lineno, raw, obj) if with_lines else obj
+    if records == 0:
+        raise DataError(f"{path}: no records: the file is empty or has only blank lines (expected one JSON "
+                        f"object per line)")
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,6 +123,7 @@ def pretokenize(path: str, tokenizer: Tokenizer, batch_lines: int = 1024) -> np.
     The cache key covers the file (path, size, mtime) and the tokenizer, so changing either re-tokenizes.
     The file is written to a temp name and renamed: an interrupted run never leaves a half-written cache.
     """
+    check_file(path)
     st = os.stat(path)
     key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{tokenizer.fingerprint()}"
                        .encode()).hexdigest()[:16]
@@ -176,30 +186,40 @@ REASONING = ("keep", "drop")
 
 
 def with_reasoning(messages: list[dict], reasoning: str = "keep") -> list[dict]:
-    """Fold each assistant turn's `reasoning_content` into its reply, the way MiniMind-3's chat template does:
+    """The assistant turns' reasoning kept in the text, or dropped.
 
-        <think>\n{reasoning}\n</think>\n\n{content}
-
-    keep: the thinking becomes part of the supervised reply (the model learns to think before answering).
-    drop: the field is ignored (the model learns the answer alone). Turns without the field are unchanged.
+    keep: each `reasoning_content` folded into its reply as one think block (tokenizer.fold_reasoning),
+          <think>\n{reasoning}\n</think>\n\n{content}
+      the text form, for tools that read a chat as text (datatools). Training renders the record itself: the
+      tokenizer's template writes reasoning_content where it belongs (see _render_example).
+    drop: reasoning removed, the field and a <think>...</think> block at the start of the content alike
+      (tokenizer.split_reasoning): the model learns the answer alone.
+    Turns without reasoning are unchanged.
     """
     if reasoning not in REASONING:
         raise ValueError(f"reasoning must be one of {REASONING}, got {reasoning!r}")
-    if reasoning == "drop":
-        return messages
     out = []
     for m in messages:
-        thought = m.get("reasoning_content")
-        if m["role"] == "assistant" and isinstance(thought, str):
-            m = {**m, "content": "<think>\n" + thought.strip("\n") + "\n</think>\n\n" + m["content"].lstrip("\n")}
+        field = m.get("reasoning_content")
+        if m["role"] == "assistant" and (isinstance(field, str) or (reasoning == "drop" and END_THINK in m["content"])):
+            thought, reply = split_reasoning(m)
+            m = {k: v for k, v in m.items() if k != "reasoning_content"}
+            m["content"] = reply if reasoning == "drop" else fold_reasoning(thought, reply)
         out.append(m)
     return out
 
 
 def _render_example(tokenizer: Tokenizer, messages: list[dict], max_seq_len: int, last_reply_only: bool,
-                    reasoning: str):
-    """(ids, targets, truncated) or None. See sft_example for the rules."""
-    ids, mask = tokenizer.render_chat(with_reasoning(messages, reasoning), last_reply_only=last_reply_only)
+                    reasoning: str, where: str | None = None):
+    """(ids, targets, truncated) or None. See sft_example for the rules. where: FILE:LINE for errors."""
+    try:
+        # keep: the record as it is, so the ids are exactly what the tokenizer's own template makes of it
+        kept = messages if reasoning == "keep" else with_reasoning(messages, reasoning)
+        ids, mask = tokenizer.render_chat(kept, last_reply_only=last_reply_only)
+    except DataError as e:  # e.g. tool calls for a tokenizer whose template has no place for them
+        if where is None:
+            raise
+        raise DataError(f"{where}: {e}") from None
     targets = [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
     # Positions after the last supervised target (the '\n' after the final <|im_end|>, a trailing user turn)
     # teach nothing: drop them, so packing spends no window space on them.
@@ -234,6 +254,17 @@ class Example:
     truncated: bool = False  # the conversation was longer than max_seq_len and lost supervised tokens
 
 
+def _numbered(path: str, kind: str, reader=None):
+    """(where, record) pairs: FILE:LINE from read_jsonl; 'FILE: record N' from another reader (whose records need
+    not be lines of the file)."""
+    if reader is None:
+        for lineno, _, rec in read_jsonl(path, kind, progress=False, with_lines=True):
+            yield f"{path}:{lineno}", rec
+    else:
+        for k, rec in enumerate(reader(path, kind, progress=False), 1):
+            yield f"{path}: record {k}", rec
+
+
 def load_sft(path: str, tokenizer: Tokenizer, max_seq_len: int, reasoning: str = "keep",
              reader=None) -> tuple[list[Example], int]:
     """All SFT examples of a file, and how many were dropped because no reply fit in max_seq_len.
@@ -243,9 +274,9 @@ def load_sft(path: str, tokenizer: Tokenizer, max_seq_len: int, reasoning: str =
     minimind.formats.record_reader converts alpaca/sharegpt/column files on the fly.
     """
     examples, dropped = [], 0
-    for rec in tqdm((reader or read_jsonl)(path, "sft", progress=False), desc=f"tokenize {os.path.basename(path)}",
-                    unit=" conv", leave=False):
-        ex = _render_example(tokenizer, rec["conversations"], max_seq_len, False, reasoning)
+    for where, rec in tqdm(_numbered(path, "sft", reader), desc=f"tokenize {os.path.basename(path)}",
+                           unit=" conv", leave=False):
+        ex = _render_example(tokenizer, rec["conversations"], max_seq_len, False, reasoning, where)
         if ex is None:
             dropped += 1
         else:
@@ -261,10 +292,10 @@ def load_dpo(path: str, tokenizer: Tokenizer, max_seq_len: int, reasoning: str =
 
     reader: as in load_sft (records converted on the fly from another format)."""
     pairs, dropped = [], 0
-    for rec in tqdm((reader or read_jsonl)(path, "dpo", progress=False), desc=f"tokenize {os.path.basename(path)}",
-                    unit=" pair", leave=False):
-        c = _render_example(tokenizer, rec["chosen"], max_seq_len, True, reasoning)
-        r = _render_example(tokenizer, rec["rejected"], max_seq_len, True, reasoning)
+    for where, rec in tqdm(_numbered(path, "dpo", reader), desc=f"tokenize {os.path.basename(path)}",
+                           unit=" pair", leave=False):
+        c = _render_example(tokenizer, rec["chosen"], max_seq_len, True, reasoning, where)
+        r = _render_example(tokenizer, rec["rejected"], max_seq_len, True, reasoning, where)
         if c is None or r is None:
             dropped += 1
         else:
@@ -440,3 +471,52 @@ class Prefetcher:
     def __iter__(self):
         while (batch := self.queue.get()) is not None:
             yield tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+
+def step_batches(get, sampler: Sampler, start: int, steps: int, device):
+    """(step, micro_batches) for every optimizer step from `start` to `steps`, in order.
+
+    get(indices) -> batch (a tuple of tensors) builds one micro-batch; the sampler says which indices each
+    (epoch, step, micro) takes, so a resumed run sees exactly the batches an uninterrupted one would. Batches are
+    built ahead on a background thread (Prefetcher) and arrive on `device`.
+    """
+    spe, accum = sampler.steps_per_epoch, sampler.accum
+    keys = [(s, m) for s in range(start, steps) for m in range(accum)]
+    batches = iter(Prefetcher(lambda s, m: get(sampler.indices(s // spe, s % spe, m)), keys, device))
+    for step in range(start, steps):
+        yield step, [next(batches) for _ in range(accum)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Held-out data for --eval_interval
+# ---------------------------------------------------------------------------------------------------------------
+def holdout(n: int, val_ratio: float, enabled: bool, min_val: int = 1) -> int:
+    """How many of n samples to hold out for validation (the last ones). 0 when evaluation is off."""
+    if not enabled:
+        return 0
+    if not 0 < val_ratio < 1:
+        raise UsageError(f"--val_ratio {val_ratio}: must be between 0 and 1")
+    n_val = max(min_val, int(n * val_ratio))
+    if n - n_val < 1:
+        raise UsageError(f"--val_ratio {val_ratio}: only {n} samples, nothing left to train on")
+    return n_val
+
+
+def batches_over(get, start: int, stop: int, batch_size: int, limit: int) -> list:
+    """The first `limit` batches of samples start..stop-1, in order (held-out batches are never shuffled)."""
+    return [get(range(s, min(s + batch_size, stop))) for s in range(start, stop, batch_size)][:limit]
+
+
+def split_validation(examples: list[Example], n_val: int, batch_size: int, limit: int, pad_id: int):
+    """(training examples, held-out batches): the last n_val conversations, padded, at most `limit` batches."""
+    train, held_out = examples[:len(examples) - n_val], examples[len(examples) - n_val:]
+    return train, batches_over(lambda idx: pad_batch([held_out[i] for i in idx], pad_id), 0, n_val, batch_size,
+                               limit)
+
+
+def sft_batches(examples: list[Example], packing: bool, batch_size: int, seq_len: int, pad_id: int):
+    """(data, samples per micro-batch) for conversations: packed windows of seq_len (batch_size of them per
+    micro-batch), or --packing 0's fixed groups of batch_size similar-length conversations (one group each)."""
+    if packing:
+        return PackedConversations(examples, seq_len, pad_id), batch_size
+    return LengthGroupedBatches(examples, batch_size, pad_id), 1

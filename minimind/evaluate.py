@@ -21,7 +21,8 @@ from typing import Iterable, Sequence
 import torch
 from tqdm import tqdm
 
-from .data import DataError
+from .errors import DataError
+from .jsonio import json_lines
 from .model import MiniMindForCausalLM
 from .tokenizer import Tokenizer
 
@@ -199,29 +200,24 @@ def _subject_from_filename(path: str) -> str:
 
 def read_jsonl_questions(path: str) -> list[Question]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object")
-            for key in ("question", "choices", "answer"):
-                if key not in obj:
-                    raise DataError(f"{where}: missing field '{key}'")
-            choices = obj["choices"]
-            if not (isinstance(choices, list) and 2 <= len(choices) <= len(LETTERS)
-                    and all(isinstance(c, str) for c in choices)):
-                raise DataError(f"{where}: 'choices' must be a list of 2-{len(LETTERS)} strings")
-            if not isinstance(obj["question"], str):
-                raise DataError(f"{where}: 'question' must be a string")
-            subject = obj.get("subject") or _subject_from_filename(path)
-            out.append(Question(obj["question"], choices, _answer_index(obj["answer"], len(choices), where),
-                                str(subject), where))
+    for lineno, _, obj in json_lines(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object")
+        for key in ("question", "choices", "answer"):
+            if key not in obj:
+                raise DataError(f"{where}: missing field '{key}'")
+        choices = obj["choices"]
+        if not (isinstance(choices, list) and 2 <= len(choices) <= len(LETTERS)
+                and all(isinstance(c, str) for c in choices)):
+            raise DataError(f"{where}: 'choices' must be a list of 2-{len(LETTERS)} strings")
+        if not isinstance(obj["question"], str):
+            raise DataError(f"{where}: 'question' must be a string")
+        subject = obj.get("subject") or _subject_from_filename(path)
+        out.append(Question(obj["question"], choices, _answer_index(obj["answer"], len(choices), where),
+                            str(subject), where))
+    if not out:
+        raise DataError(f"{path}: no questions: the file is empty or has only blank lines")
     return out
 
 
@@ -231,9 +227,12 @@ def read_csv_questions(path: str) -> list[Question]:
     subject = _subject_from_filename(path)
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = list(csv.reader(f))
-    if not rows:
-        return []
+    if not any(any(c.strip() for c in r) for r in rows):
+        raise DataError(f"{path}: no questions: the file is empty")
     head = [c.strip().lower() for c in rows[0]]
+    if ("question" in head or {"a", "b"} <= set(head)) and "answer" not in head:
+        raise DataError(f"{path}:1: the header has no 'answer' column, so nothing can be scored (C-Eval's test "
+                        f"split hides its answers: evaluate on val)")
     if "question" in head and "answer" in head:
         q_col, a_col = head.index("question"), head.index("answer")
         c_cols = [head.index(x.lower()) for x in LETTERS if x.lower() in head]
@@ -484,30 +483,21 @@ def corpus_bleu(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequen
 def read_generation_set(path: str, limit: int | None = None) -> tuple[list[list[dict]], list[str], int]:
     """SFT-format records -> (prompts = all turns before the last assistant reply, references, skipped). Records
     without a final assistant turn have no reference and are skipped."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
     prompts, refs, skipped = [], [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-            conv = obj.get("conversations") if isinstance(obj, dict) else None
-            if not isinstance(conv, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                     and m.get("role") in ("system", "user", "assistant", "tool")
-                                                     for m in conv):
-                raise DataError(f"{where}: expected {{\"conversations\": [{{\"role\", \"content\"}}, ...]}}")
-            if len(conv) < 2 or conv[-1]["role"] != "assistant":
-                skipped += 1
-                continue
-            prompts.append(conv[:-1])
-            refs.append(conv[-1]["content"])
-            if limit and len(prompts) >= limit:
-                break
+    for lineno, _, obj in json_lines(path):
+        where = f"{path}:{lineno}"
+        conv = obj.get("conversations") if isinstance(obj, dict) else None
+        if not isinstance(conv, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                 and m.get("role") in ("system", "user", "assistant", "tool")
+                                                 for m in conv):
+            raise DataError(f"{where}: expected {{\"conversations\": [{{\"role\", \"content\"}}, ...]}}")
+        if len(conv) < 2 or conv[-1]["role"] != "assistant":
+            skipped += 1
+            continue
+        prompts.append(conv[:-1])
+        refs.append(conv[-1]["content"])
+        if limit and len(prompts) >= limit:
+            break
     return prompts, refs, skipped
 
 

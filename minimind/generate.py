@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .model import KVCache, MiniMindForCausalLM
+from .model import AttentionMask, KVCache, MiniMindForCausalLM
 from .tokenizer import Tokenizer
 
 
@@ -89,18 +89,6 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """CTRL-style: where seen (B, V) is True, divide positive logits by the penalty and multiply negative ones."""
     penalty = penalty.to(logits.dtype)[:, None]
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-
-
-def inference_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Weights dtype for generation and evaluation: 'auto' = bf16 on CUDA (fp16 where bf16 is missing), fp32
-    elsewhere (CPU attention kernels are fastest in fp32; for a smaller, faster CPU model see quantize_int8)."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if name not in ("float32", "bfloat16", "float16"):
-        raise UsageError(f"--dtype {name}: use auto, float32, bfloat16 or float16")
-    return getattr(torch, name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,20 +302,17 @@ class Engine:
         """One token for each of the first n rows (all by default), against the first `view` cache columns:
         (n, V) logits.
 
-        The decode-time twin of MiniMindForCausalLM.forward: same blocks, but the positions, the write column and
-        the mask are tensors that live in the engine, so a captured graph can be replayed with new values.
+        The same Decoder.forward as training runs, but the positions, the write column and the mask are tensors
+        that live in the engine, so a captured graph can be replayed with new values.
         """
         m, c = self.model, self.cache
         n = n or self.batch_size
         c.view, c.n = view, n
         if masked:
             self.valid.index_put_((c.rows[:n], c.col[:n]), self.true)   # each row may see its own new token
-        mask = self.valid[:n, None, None, :view] if masked else None
-        cos, sin = m.model.rotary(self.positions[:n])
-        x = m.model.embed_tokens(self.tokens[:n])
-        for layer in m.model.layers:
-            x = layer(x, cos, sin, self.cache, mask)
-        return m.lm_head(m.model.norm(x))[:, -1]
+        mask = AttentionMask.padded(self.valid[:n, None, None, :view]) if masked else AttentionMask.causal()
+        x, _ = m.model(self.tokens[:n], self.positions[:n], mask, self.cache)
+        return m.lm_head(x)[:, -1]
 
     def _graph_step(self, view: int) -> torch.Tensor:
         """Replay the CUDA graph for this view size, capturing it the first time. The warm-up runs repeat the

@@ -20,13 +20,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 
 import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .jsonio import read_json_object
 
 # model_type -> architecture class, for the families we can compute exactly
 ARCHITECTURES = {
@@ -43,10 +43,6 @@ _BIAS_ON_O = ("qwen3", "qwen3_moe", "llama")
 # MiniMind's YaRN settings, switched on by `inference_rope_scaling` in its config (model_minimind.py).
 MINIMIND_YARN = {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 2048,
                  "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.0}
-
-
-def _error(msg: str):
-    return CheckpointError(msg)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,20 +119,17 @@ def export_extra_tensors(config: ModelConfig, sd: dict) -> dict[str, torch.Tenso
 # ---------------------------------------------------------------------------------------------------------------
 def read_config_file(file: str) -> ModelConfig:
     """Load a config.json written by us, by transformers (the four families above) or by MiniMind."""
-    return from_hf_config(_read_json(file), file)
+    return read_config(file)[0]
+
+
+def read_config(file: str) -> tuple[ModelConfig, str | None]:
+    """(ModelConfig, the source's model_type: 'qwen3', 'minimind', ... or None for our own dataclass layout)."""
+    d = _read_json(file)
+    return from_hf_config(d, file), (None if _own_format(d) else model_type_of(d, file))
 
 
 def _read_json(file: str) -> dict:
-    if not os.path.isfile(file):
-        raise _error(f"{file}: no such file")
-    try:
-        with open(file, encoding="utf-8") as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _error(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise _error(f"{file}: expected a JSON object")
-    return d
+    return read_json_object(file, CheckpointError)
 
 
 def model_type_of(d: dict, source: str) -> str:
@@ -147,15 +140,15 @@ def model_type_of(d: dict, source: str) -> str:
         model_type = by_arch[arch]
     if model_type not in ARCHITECTURES or (arch is not None and arch not in by_arch):
         name = arch or model_type or "(none: no 'architectures' or 'model_type' key)"
-        raise _error(f"{source}: architecture {name} is not supported; minimind loads "
+        raise CheckpointError(f"{source}: architecture {name} is not supported; minimind loads "
                      f"{', '.join(ARCHITECTURES.values())}")
     if arch is not None and by_arch[arch] != model_type:
-        raise _error(f"{source}: architectures says {arch} but model_type is {model_type!r}")
+        raise CheckpointError(f"{source}: architectures says {arch} but model_type is {model_type!r}")
     return model_type
 
 
 def _own_format(d: dict) -> bool:
-    """Our dataclass's own layout (ModelConfig.save, or an MoE model without q/k norm): no HF architecture."""
+    """Our dataclass's own layout (ModelConfig.to_dict(), e.g. an MoE model without q/k norm): no HF architecture."""
     return "model_type" not in d and "architectures" not in d and "qk_norm" in d
 
 
@@ -170,12 +163,12 @@ def from_hf_config(d: dict, source: str = "config.json") -> ModelConfig:
 
     def need(key):
         if d.get(key) is None:
-            raise _error(f"{source}: missing key '{key}' (needed by {ARCHITECTURES[model_type]})")
+            raise CheckpointError(f"{source}: missing key '{key}' (needed by {ARCHITECTURES[model_type]})")
         return d[key]
 
     def refuse_if(cond: bool, key: str, why: str):
         if cond:
-            raise _error(f"{source}: '{key}' = {json.dumps(d.get(key))} is not supported: {why}")
+            raise CheckpointError(f"{source}: '{key}' = {json.dumps(d.get(key))} is not supported: {why}")
 
     refuse_if(d.get("hidden_act", "silu") != "silu", "hidden_act", "minimind's MLP is SwiGLU (silu)")
     refuse_if(bool(d.get("quantization_config")), "quantization_config",
@@ -205,7 +198,7 @@ def from_hf_config(d: dict, source: str = "config.json") -> ModelConfig:
         refuse_if(bool(d.get("mlp_only_layers")), "mlp_only_layers", "minimind puts experts in every layer")
         experts = d.get("num_experts", d.get("num_local_experts"))
         if experts is None:
-            raise _error(f"{source}: missing key 'num_experts' (needed by Qwen3MoeForCausalLM)")
+            raise CheckpointError(f"{source}: missing key 'num_experts' (needed by Qwen3MoeForCausalLM)")
         cfg.update(use_moe=True, num_experts=experts, num_experts_per_tok=need("num_experts_per_tok"),
                    moe_intermediate_size=need("moe_intermediate_size"),
                    intermediate_size=d.get("intermediate_size") or need("moe_intermediate_size"),
@@ -224,11 +217,11 @@ def _build(cfg: dict, d: dict, source: str) -> ModelConfig:
         if k in ("head_dim", "intermediate_size") and cfg.get(k) is None:
             continue  # ModelConfig derives them
         if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool) or cfg[k] <= 0:
-            raise _error(f"{source}: '{k}' must be a positive integer, got {json.dumps(cfg.get(k))}")
+            raise CheckpointError(f"{source}: '{k}' must be a positive integer, got {json.dumps(cfg.get(k))}")
     try:
         return ModelConfig(**cfg)
     except (TypeError, ValueError) as e:
-        raise _error(f"{source}: {e}") from None
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def _special_ids(d: dict) -> dict:
@@ -253,17 +246,17 @@ def _rope_from_hf(d: dict, source: str) -> dict:
     if kind == "default":
         return {"rope_theta": float(theta), "rope_scaling": None}
     if kind not in ("linear", "yarn"):
-        raise _error(f"{source}: rope_scaling type {kind!r} is not supported (minimind computes 'default', "
+        raise CheckpointError(f"{source}: rope_scaling type {kind!r} is not supported (minimind computes 'default', "
                      f"'linear' and 'yarn' exactly as transformers does)")
     allowed = {"rope_type", "type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
                "attention_factor", "truncate"} if kind == "yarn" else {"rope_type", "type", "factor"}
     extra = sorted(set(scaling) - allowed)
     if extra:
-        raise _error(f"{source}: rope_scaling key '{extra[0]}' is not supported for {kind!r}")
+        raise CheckpointError(f"{source}: rope_scaling key '{extra[0]}' is not supported for {kind!r}")
     if scaling.get("truncate", True) is not True:
-        raise _error(f"{source}: rope_scaling 'truncate' = false is not supported (YaRN's ramp is truncated here)")
+        raise CheckpointError(f"{source}: rope_scaling 'truncate' = false is not supported (YaRN's ramp is truncated here)")
     if not isinstance(scaling.get("factor"), (int, float)):
-        raise _error(f"{source}: rope_scaling needs a numeric 'factor'")
+        raise CheckpointError(f"{source}: rope_scaling needs a numeric 'factor'")
     out = {k: v for k, v in scaling.items() if k not in ("type", "truncate")}
     out["rope_type"] = kind
     if kind == "yarn" and "original_max_position_embeddings" not in out and "original_max_position_embeddings" in d:
@@ -283,10 +276,10 @@ def _from_minimind_config(d: dict, source: str) -> ModelConfig:
         inter = d.get("intermediate_size") or math.ceil(hidden * math.pi / 64) * 64
     use_moe = bool(d.get("use_moe", False))
     if use_moe and v2 and d.get("n_shared_experts", 1):
-        raise _error(f"{source}: 'n_shared_experts' = {d.get('n_shared_experts', 1)} is not supported: minimind's "
+        raise CheckpointError(f"{source}: 'n_shared_experts' = {d.get('n_shared_experts', 1)} is not supported: minimind's "
                      f"MoE has routed experts only")
     if d.get("hidden_act", "silu") != "silu":
-        raise _error(f"{source}: 'hidden_act' = {json.dumps(d.get('hidden_act'))} is not supported: SwiGLU (silu)")
+        raise CheckpointError(f"{source}: 'hidden_act' = {json.dumps(d.get('hidden_act'))} is not supported: SwiGLU (silu)")
     cfg = dict(
         vocab_size=d.get("vocab_size", 6400), hidden_size=hidden, num_hidden_layers=d.get("num_hidden_layers", 8),
         num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads", 2 if v2 else 4),
@@ -319,79 +312,8 @@ def _minimind_rope(d: dict, source: str, head_dim: int) -> dict | None:
     top = math.ceil(head_dim * math.log(rs["original_max_position_embeddings"] / (rs["beta_slow"] * 2 * math.pi))
                     / (2 * math.log(float(d.get("rope_theta", 1e6)))))
     if top > head_dim // 2 - 1:
-        raise _error(f"{source}: this rope_theta/head_dim makes MiniMind's YaRN differ from the standard one")
+        raise CheckpointError(f"{source}: this rope_theta/head_dim makes MiniMind's YaRN differ from the standard one")
     return rs
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Weights: files -> one state dict with our names
-# ---------------------------------------------------------------------------------------------------------------
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                "pytorch_model.bin")
-
-
-def weights_file(path: str) -> str | None:
-    """The weight file (or shard index) of a model directory, in transformers' order of preference."""
-    for name in WEIGHT_FILES:
-        if os.path.isfile(os.path.join(path, name)):
-            return os.path.join(path, name)
-    return None
-
-
-def read_weights(path: str) -> dict[str, torch.Tensor]:
-    """All tensors of a model directory or weight file: safetensors (sharded or not), pytorch_model.bin, .pth."""
-    if os.path.isdir(path):
-        file = weights_file(path)
-        if file is None:
-            raise _error(f"{path}: no model.safetensors (nor a sharded model.safetensors.index.json or "
-                         f"pytorch_model.bin)")
-    elif os.path.isfile(path):
-        file = path
-    else:
-        raise _error(f"{path}: no such model directory or weight file")
-    if file.endswith(".index.json"):
-        return _read_sharded(file)
-    return _read_one(file)
-
-
-def _read_one(file: str) -> dict[str, torch.Tensor]:
-    if file.endswith(".safetensors"):
-        from safetensors import SafetensorError, safe_open
-        try:
-            with safe_open(file, framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise _error(f"{file}: not a readable safetensors file ({e})") from None
-    try:  # .pth / .bin: weights only, so a checkpoint cannot run code on load
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad pickle; all mean "unreadable"
-        raise _error(f"{file}: not a readable PyTorch weight file ({type(e).__name__}: {e})".split("\n")[0]) from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # MiniMind's *_resume.pth
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise _error(f"{file}: expected a state dict (name -> tensor)")
-    return obj
-
-
-def _read_sharded(index_file: str) -> dict[str, torch.Tensor]:
-    """transformers' sharded layout: the index maps each tensor name to the shard file holding it."""
-    try:
-        with open(index_file, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise _error(f"{index_file}: not a shard index with a 'weight_map' ({e})") from None
-    folder, sd = os.path.dirname(index_file), {}
-    for shard in sorted(set(weight_map.values())):
-        shard_file = os.path.join(folder, shard)
-        if not os.path.isfile(shard_file):
-            raise _error(f"{index_file}: shard {shard} is missing")
-        tensors = _read_one(shard_file)
-        for name, where in weight_map.items():
-            if where == shard:
-                if name not in tensors:
-                    raise _error(f"{shard_file}: missing tensor {name} (listed in {os.path.basename(index_file)})")
-                sd[name] = tensors[name]
-    return sd
 
 
 def to_minimind_names(sd: dict[str, torch.Tensor], config: ModelConfig, model_type: str | None,
@@ -406,7 +328,7 @@ def to_minimind_names(sd: dict[str, torch.Tensor], config: ModelConfig, model_ty
         if k.endswith("rotary_emb.inv_freq") or k in ("model.freqs_cos", "model.freqs_sin"):
             continue                               # RoPE tables: recomputed from the config
         if not v.is_floating_point():
-            raise _error(f"{source}: tensor {k} has dtype {str(v.dtype).replace('torch.', '')}; only float "
+            raise CheckpointError(f"{source}: tensor {k} has dtype {str(v.dtype).replace('torch.', '')}; only float "
                          f"weights (fp32/bf16/fp16) can be loaded")
         m = re.fullmatch(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)", k)
         if m and v.dim() == 3:                     # transformers 5 fused experts: (E, 2I, H) and (E, H, I)
@@ -420,7 +342,7 @@ def to_minimind_names(sd: dict[str, torch.Tensor], config: ModelConfig, model_ty
             continue
         if k.endswith("self_attn.o_proj.bias") and (model_type in _BIAS_ON_O or model_type is None):
             if torch.count_nonzero(v):
-                raise _error(f"{source}: tensor {k} is nonzero: minimind's attention has no output bias, so this "
+                raise CheckpointError(f"{source}: tensor {k} is nonzero: minimind's attention has no output bias, so this "
                              f"model cannot be loaded exactly")
             continue
         out[k] = v
@@ -428,7 +350,7 @@ def to_minimind_names(sd: dict[str, torch.Tensor], config: ModelConfig, model_ty
         out["model.embed_tokens.weight"] = out.pop("lm_head.weight")   # a tied matrix saved under the head's name
     if config.tie_word_embeddings and "lm_head.weight" in out and "model.embed_tokens.weight" in out:
         if not torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"]):
-            raise _error(f"{source}: tie_word_embeddings is true but lm_head.weight differs from "
+            raise CheckpointError(f"{source}: tie_word_embeddings is true but lm_head.weight differs from "
                          f"model.embed_tokens.weight; set it to false in config.json if the head is separate")
     return out
 
@@ -444,7 +366,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], source: str) -> ModelCon
 
     def shape(name):
         if name not in sd:
-            raise _error(f"{source}: missing tensor {name} (is this a MiniMind model state dict?)")
+            raise CheckpointError(f"{source}: missing tensor {name} (is this a MiniMind model state dict?)")
         return tuple(sd[name].shape)
 
     vocab, hidden = shape("model.embed_tokens.weight")
@@ -453,7 +375,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], source: str) -> ModelCon
     head_dim = shape("model.layers.0.self_attn.q_norm.weight")[0] if qk_norm else hidden // 8
     experts = sorted({int(m.group(1)) for k in sd if (m := re.match(r"model\.layers\.0\.mlp\.experts\.(\d+)\.", k))})
     if any(".shared_experts." in k for k in sd):
-        raise _error(f"{source}: tensor {next(k for k in sd if '.shared_experts.' in k)} is not supported: "
+        raise CheckpointError(f"{source}: tensor {next(k for k in sd if '.shared_experts.' in k)} is not supported: "
                      f"minimind's MoE has routed experts only")
     if experts:
         inter = shape("model.layers.0.mlp.experts.0.gate_proj.weight")[0]
@@ -470,25 +392,3 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], source: str) -> ModelCon
                use_moe=bool(experts), num_experts=len(experts) or 4, num_experts_per_tok=1 if qk_norm else 2,
                torch_dtype=str(sd["model.embed_tokens.weight"].dtype).replace("torch.", ""))
     return _build(cfg, {}, source)
-
-
-def load_checkpoint(path: str, config: ModelConfig | None = None):
-    """(config, state dict with our names) for a model directory or a weight file (.pth/.bin/.safetensors)."""
-    model_type = None
-    if os.path.isdir(path):
-        cfg_file = os.path.join(path, "config.json")
-        if config is None:
-            if not os.path.isfile(cfg_file):
-                raise _error(f"{path}: no config.json (is this a model directory written by a train_*.py?)")
-            d = _read_json(cfg_file)
-            model_type = None if _own_format(d) else model_type_of(d, cfg_file)
-            config = from_hf_config(d, cfg_file)
-        sd = read_weights(path)
-        source = weights_file(path)
-        if model_type == "minimind":  # MiniMind2 (no q/k norm) vs MiniMind-3: clearest from the tensors themselves
-            config.qk_norm = any(k.endswith("self_attn.q_norm.weight") for k in sd)
-    else:
-        sd = read_weights(path)
-        source = path
-        config = config or config_from_state_dict(sd, path)
-    return config, to_minimind_names(sd, config, model_type, source)

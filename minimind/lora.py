@@ -30,9 +30,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import RUN_FILES, CheckpointError, atomic_dir, load_config, load_model, save_model, unwrap
+from .checkpoint import RUN_FILES, atomic_dir, load_config, load_model, save_model, unwrap, weights_file
+from .errors import CheckpointError
 from .errors import UsageError
-from .hf import weights_file
 from .tokenizer import Tokenizer
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -16,9 +16,9 @@ from .config import ModelConfig
 from .loss import cross_entropy
 
 try:  # FlexAttention (torch >= 2.5): attention with a mask_mod, compiled into a kernel that skips masked-out tiles
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:  # older torch: document masking falls back to SDPA with a dense boolean mask
-    BlockMask = create_block_mask = flex_attention = None
+    create_block_mask = flex_attention = None
 
 
 class RMSNorm(nn.Module):
@@ -139,7 +139,7 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
         self.dropout = config.dropout
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, mask: torch.Tensor | None = None):
+    def forward(self, x, cos, sin, mask: "AttentionMask", cache: KVCache | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
@@ -147,21 +147,10 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if isinstance(mask, DocumentSegments):  # packed documents, each attended on its own (see document_mask)
-            return self.o_proj(mask.attention(q, k, v, self.dropout if self.training else 0.0).reshape(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # (B, heads, T, head_dim)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        if BlockMask is not None and isinstance(mask, BlockMask):  # packed documents (see document_mask)
-            if self.dropout and self.training:
-                raise ValueError("FlexAttention has no attention dropout: build the mask with backend='varlen'")
-            y = _flex_attention(q, k, v, mask, self.n_kv != self.n_heads)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-        # SDPA picks a fused kernel (flash / memory-efficient) when it can; enable_gqa avoids copying K/V per group.
-        # mask=None with is_causal means plain causal attention over a fresh sequence (the training fast path).
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and k.shape[2] == T and T > 1,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_heads)
+        y = mask.attend(q, k, v, self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -188,9 +177,9 @@ class MoE(nn.Module):
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)   # the router
         self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size)
                                      for _ in range(config.num_experts))
-        self.aux_loss = torch.zeros(())
 
     def forward(self, x):
+        """-> (output, load-balancing loss of this layer's routing)."""
         B, T, H = x.shape
         x = x.reshape(-1, H)
         probs = self.gate(x).to(torch.promote_types(x.dtype, torch.float32)).softmax(dim=-1)  # (N, E), fp32+
@@ -209,8 +198,8 @@ class MoE(nn.Module):
         # Load-balancing loss (Switch Transformer): E * sum_i (share of tokens sent to i) * (mean prob of i);
         # it is smallest when routing is uniform, which keeps every expert trained.
         share = counts.float() / flat.numel()
-        self.aux_loss = self.num_experts * (share * probs.mean(dim=0)).sum()
-        return out.view(B, T, H)
+        aux_loss = self.num_experts * (share * probs.mean(dim=0)).sum()
+        return out.view(B, T, H), aux_loss
 
 
 class Block(nn.Module):
@@ -221,13 +210,19 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.use_moe else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, cache=None, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask: "AttentionMask", cache=None):
+        """-> (x, MoE load-balancing loss or None for a dense MLP)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        y = self.mlp(self.post_attention_layernorm(x))
+        y, aux = y if isinstance(self.mlp, MoE) else (y, None)
+        return x + y, aux
 
 
 class Decoder(nn.Module):
-    """Embedding -> blocks -> final norm. Named `model` inside the LM, as in Hugging Face."""
+    """Embedding -> blocks -> final norm. Named `model` inside the LM, as in Hugging Face.
+
+    Training (MiniMindForCausalLM.forward) and the decode engine (generate.py) both run it.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -236,23 +231,111 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
 
+    def forward(self, input_ids, position_ids, mask: "AttentionMask", cache=None):
+        """input_ids, position_ids (B, T) -> (hidden states (B, T, hidden), summed MoE aux loss or None).
 
-def build_attention_mask(T: int, start: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor | None:
-    """Boolean mask (B|1, 1, T, start+T): True = may attend. None when plain causal attention suffices.
+        cache: keys/values of earlier positions are read from it and this call's are written to it."""
+        cos, sin = self.rotary(position_ids)
+        x = self.embed_tokens(input_ids)
+        aux_loss = None
+        for layer in self.layers:
+            x, aux = layer(x, cos, sin, mask, cache)
+            if aux is not None:
+                aux_loss = aux if aux_loss is None else aux_loss + aux
+        return self.norm(x), aux_loss
 
-    Query i (absolute position start+i) sees keys 0..start+i that are not padding. A token always sees itself,
-    so rows of left padding never become all-False (which would give NaN).
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention masks: which keys each query may see. One type, one dispatch point (AttentionMask.attend).
+# ---------------------------------------------------------------------------------------------------------------
+class AttentionMask:
+    """Which keys each query may see, in one of three kinds:
+
+      causal     a fresh sequence (or one new token that may see the whole cache): SDPA's is_causal path, nothing
+                 materialised — the training fast path;
+      padded     a boolean (B|1, 1, T, S) tensor, True = may attend: left-padded prompts, a cache with holes;
+      documents  packed rows: attention stays inside each document (FlexAttention BlockMask on CUDA, per-document
+                 SDPA elsewhere, or a dense reference mask).
+    Every attention layer calls attend(); nothing else looks at the kind.
     """
-    S = start + T
-    if attention_mask is None and (start == 0 or T == 1):
-        return None  # fresh causal sequence, or one new token that may see the whole cache
-    q_pos = torch.arange(start, S, device=device)[:, None]
-    k_pos = torch.arange(S, device=device)[None, :]
-    mask = (k_pos <= q_pos)[None, None]                               # (1, 1, T, S) causal
-    if attention_mask is not None:
-        keep = attention_mask[:, None, None, :S].bool()               # (B, 1, 1, S) not padding
-        mask = (mask & keep) | (k_pos == q_pos)[None, None]
-    return mask
+
+    def __init__(self, kind: str, dense: torch.Tensor | None = None, block=None, segments=None):
+        self.kind, self.dense, self.block, self.segments = kind, dense, block, segments
+
+    @classmethod
+    def causal(cls) -> "AttentionMask":
+        return cls("causal")
+
+    @classmethod
+    def padded(cls, allowed: torch.Tensor) -> "AttentionMask":
+        return cls("padded", dense=allowed)
+
+    @classmethod
+    def for_positions(cls, T: int, start: int, attention_mask: torch.Tensor | None, device) -> "AttentionMask":
+        """T new queries at absolute positions start.. over a cache of start keys; attention_mask (B, start+T):
+        1 = real, 0 = padding. Query i sees keys 0..start+i that are not padding. A token always sees itself, so
+        rows of left padding never become all-False (which would give NaN)."""
+        S = start + T
+        if attention_mask is None and (start == 0 or T == 1):
+            return cls.causal()
+        q_pos = torch.arange(start, S, device=device)[:, None]
+        k_pos = torch.arange(S, device=device)[None, :]
+        mask = (k_pos <= q_pos)[None, None]                               # (1, 1, T, S) causal
+        if attention_mask is not None:
+            keep = attention_mask[:, None, None, :S].bool()               # (B, 1, 1, S) not padding
+            mask = (mask & keep) | (k_pos == q_pos)[None, None]
+        return cls.padded(mask)
+
+    @classmethod
+    def documents(cls, doc_ids: torch.Tensor, backend: str = "auto", dtype: torch.dtype | None = None):
+        """Block-diagonal causal mask for packed rows: query i sees key j iff doc_ids[i] == doc_ids[j], j <= i.
+
+        doc_ids (B, T): which document (conversation) each token belongs to; runs of equal ids, -1 for padding.
+        backend 'flex': a FlexAttention BlockMask (default on CUDA): the kernel skips tiles that are fully
+        masked, so attention costs ~sum(len_doc^2), not T^2. 'varlen': DocumentSegments (default elsewhere): the
+        same saving with plain SDPA calls, one per group of similar-length documents. 'sdpa': the reference, a
+        dense boolean mask (B, 1, T, T): simple and exact, but every one of the T^2 scores is computed; with
+        `dtype`, its additive form (0 / -inf), which SDPA would otherwise rebuild in every layer.
+        Build it once per batch; pair it with position_ids=document_positions(doc_ids).
+        """
+        if backend == "auto":
+            backend = "flex" if doc_ids.is_cuda and flex_attention is not None else "varlen"
+        if backend == "varlen":
+            return cls("documents", segments=DocumentSegments(doc_ids))
+        B, T = doc_ids.shape
+        if backend == "flex":
+            if flex_attention is None:
+                raise RuntimeError("FlexAttention needs torch >= 2.5; use backend='sdpa'")
+
+            def same_doc_causal(b, h, q, kv):
+                return (doc_ids[b, q] == doc_ids[b, kv]) & (kv <= q)
+            return cls("documents", block=create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device))
+        if backend != "sdpa":
+            raise ValueError(f"backend must be 'auto', 'flex', 'varlen' or 'sdpa', got {backend!r}")
+        causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+        allowed = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
+        if dtype is not None:  # every row keeps its diagonal, so no row is all -inf (which would give NaN)
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device).masked_fill_(~allowed,
+                                                                                                  float("-inf"))
+        return cls("documents", dense=allowed)
+
+    def attend(self, q, k, v, dropout: float = 0.0) -> torch.Tensor:
+        """Scaled dot-product attention under this mask. q (B, heads, T, d); k, v (B, kv_heads, S, d) ->
+        (B, heads, T, d). GQA: K/V heads are shared by groups of Q heads without copying them (enable_gqa)."""
+        gqa = k.shape[1] != q.shape[1]
+        if self.segments is not None:   # per-document SDPA works on (B, T, heads, d)
+            y = self.segments.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout)
+            return y.transpose(1, 2)
+        if self.block is not None:
+            if dropout:
+                raise ValueError("FlexAttention has no attention dropout: build the mask with backend='varlen'")
+            return _flex_attention(q, k, v, self.block, gqa)
+        # SDPA picks a fused kernel (flash / memory-efficient) when it can. Causal over a fresh sequence needs no
+        # mask at all; one new token against the cache (T == 1 < S) sees every key.
+        T, S = q.shape[2], k.shape[2]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense,
+                                              is_causal=self.kind == "causal" and T == S and T > 1,
+                                              dropout_p=dropout, enable_gqa=gqa)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,40 +386,6 @@ class DocumentSegments:
         return torch.cat(outs)[self.where].view(q.shape)
 
 
-def document_mask(doc_ids: torch.Tensor, backend: str = "auto", dtype: torch.dtype | None = None):
-    """Block-diagonal causal mask for packed rows: query i sees key j iff doc_ids[i] == doc_ids[j] and j <= i.
-
-    doc_ids (B, T): which document (conversation) each token belongs to; runs of equal ids, -1 for padding.
-    backend 'flex': a FlexAttention BlockMask (default on CUDA): the kernel skips tiles that are fully masked,
-    so attention costs ~sum(len_doc^2), not T^2. 'varlen': DocumentSegments (default elsewhere): the same
-    saving with plain SDPA calls, one per group of similar-length documents. 'sdpa': the reference, a dense
-    boolean mask (B, 1, T, T): simple and exact, but every one of the T^2 scores is computed; with `dtype`, its
-    additive form (0 / -inf), which SDPA would otherwise rebuild in every layer.
-    Build once per batch and pass it as doc_ids to reuse it.
-    """
-    if backend == "auto":
-        backend = "flex" if doc_ids.is_cuda and flex_attention is not None else "varlen"
-    if backend == "varlen":
-        return DocumentSegments(doc_ids)
-    B, T = doc_ids.shape
-    if backend == "flex":
-        if flex_attention is None:
-            raise RuntimeError("FlexAttention needs torch >= 2.5; use backend='sdpa'")
-
-        def same_doc_causal(b, h, q, kv):
-            return (doc_ids[b, q] == doc_ids[b, kv]) & (kv <= q)
-
-        return create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device)
-    if backend != "sdpa":
-        raise ValueError(f"backend must be 'auto', 'flex', 'varlen' or 'sdpa', got {backend!r}")
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    allowed = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]
-    if dtype is None:
-        return allowed
-    # every row keeps its diagonal, so no row is all -inf (which would give NaN)
-    return torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device).masked_fill_(~allowed, float("-inf"))
-
-
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     """Position ids that restart at 0 where a new document starts: RoPE sees each document as if alone.
 
@@ -384,53 +433,43 @@ class MiniMindForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                logits_to_keep: int = 0, doc_ids=None):
+                logits_to_keep: int = 0, doc_ids: torch.Tensor | None = None, mask: AttentionMask | None = None):
         """input_ids (B, T). targets (B, T): the token that should follow each position, -100 = no loss there.
-
         cache: a KVCache to read past keys from and append to. attention_mask (B, cache+T): 1 real, 0 padding.
         logits_to_keep: return logits for only the last N positions (generation needs only the last).
-        doc_ids (B, T): packed rows, document id per token (see document_mask); attention stays inside each
-        document and positions restart per document. May also be a mask already built by document_mask()
-        (then pass position_ids too, e.g. document_positions(doc_ids)).
+        doc_ids (B, T): packed rows, document id per token: attention stays inside each document and positions
+        restart per document. mask: an AttentionMask built already (e.g. shared by teacher and student); pass
+        position_ids with it.
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
-        packed_ids = torch.is_tensor(doc_ids) and doc_ids.dim() == 2    # ids (B, T), not a mask built already
-        if doc_ids is not None and not packed_ids and position_ids is None:
-            raise ValueError("a prebuilt document mask needs position_ids=document_positions(doc_ids)")
-        if position_ids is None:
-            if packed_ids:
-                position_ids = document_positions(doc_ids)
-            else:
-                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        cos, sin = self.model.rotary(position_ids)
         if doc_ids is not None:
-            if cache is not None or attention_mask is not None:
-                raise ValueError("doc_ids (packed training rows) cannot be combined with a KV cache or attention_mask")
+            if cache is not None or attention_mask is not None or mask is not None:
+                raise ValueError("doc_ids (packed training rows) cannot be combined with a KV cache, attention_mask "
+                                 "or a prebuilt mask")
             # dropout is not supported by FlexAttention: use per-document SDPA when it is active
             backend = "varlen" if self.config.dropout and self.training else "auto"
             dev = input_ids.device.type
             dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.model.norm.weight.dtype
-            mask = document_mask(doc_ids, backend, dt) if packed_ids else doc_ids
-        else:
-            mask = build_attention_mask(T, start, attention_mask, input_ids.device)
-        x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, mask)
-        x = self.model.norm(x)
+            mask = AttentionMask.documents(doc_ids, backend, dt)
+            position_ids = document_positions(doc_ids) if position_ids is None else position_ids
+        elif mask is None:
+            mask = AttentionMask.for_positions(T, start, attention_mask, input_ids.device)
+        elif position_ids is None:
+            raise ValueError("a prebuilt mask needs position_ids (e.g. document_positions(doc_ids))")
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x, aux_loss = self.model(input_ids, position_ids, mask, cache)
         if cache is not None:
             cache.length += T
         if targets is not None:
             loss = cross_entropy(x, self.lm_head.weight, targets)
-            if self.config.use_moe and self.training:
-                loss = loss + self.config.router_aux_loss_coef * self.aux_loss()
+            if aux_loss is not None and self.training:  # MoE: keep the router's load balanced
+                loss = loss + self.config.router_aux_loss_coef * aux_loss
             return loss
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(x)
-
-    def aux_loss(self) -> torch.Tensor:
-        return sum(layer.mlp.aux_loss for layer in self.model.layers if isinstance(layer.mlp, MoE))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied matrix once

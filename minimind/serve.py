@@ -27,7 +27,10 @@ from typing import Literal, Union
 
 import torch
 
-from .generate import Engine, SamplingParams, TextStream
+from .checkpoint import load_model
+from .errors import UsageError
+from .generate import Engine, SamplingParams, TextStream, quantize_int8
+from .runtime import pick_device, pick_dtype
 from .tokenizer import Tokenizer
 
 try:
@@ -406,24 +409,19 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from . import cli
-    from .checkpoint import load_model
-    from .generate import inference_dtype, quantize_int8
-    from .train import pick_device
-
     args = parse_args(argv)
     if args.max_batch_size < 1 or args.max_seq_len < 2:
-        raise cli.UsageError("--max_batch_size must be >= 1 and --max_seq_len >= 2")
+        raise UsageError("--max_batch_size must be >= 1 and --max_seq_len >= 2")
     try:
         import uvicorn
     except ImportError:
-        raise cli.UsageError("the server needs uvicorn: pip install -e .[serve]") from None
+        raise UsageError("the server needs uvicorn: pip install -e .[serve]") from None
     device = pick_device(args.device)
-    dtype = inference_dtype(args.dtype, device)
+    dtype = pick_dtype(args.dtype, device, training=False)
     model = load_model(args.load_from, device=device, dtype=dtype).eval()
     if args.quantize == "int8":
         if device.type != "cpu":
-            raise cli.UsageError("--quantize int8 is for CPU; on a GPU use --dtype bfloat16")
+            raise UsageError("--quantize int8 is for CPU; on a GPU use --dtype bfloat16")
         quantize_int8(model)
     tokenizer = Tokenizer.load(args.load_from)
     name = args.model_name or os.path.basename(os.path.abspath(args.load_from))

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .errors import CheckpointError, DataError
+from .jsonio import read_json_object
 
 # Same ids as MiniMind's tokenizer: 0 pads/separates, 1 opens a turn, 2 closes it (and ends generation).
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -538,13 +539,7 @@ class Tokenizer:
         folder, cfg, template = os.path.dirname(file), None, None
         cfg_file = os.path.join(folder, "tokenizer_config.json")
         if os.path.isfile(cfg_file):
-            try:
-                with open(cfg_file, encoding="utf-8") as f:
-                    cfg = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{cfg_file}: not valid JSON ({e}); fix or delete it") from None
-            if not isinstance(cfg, dict):
-                raise CheckpointError(f"{cfg_file}: expected a JSON object")
+            cfg = read_json_object(cfg_file, CheckpointError, "fix or delete it")
             template = cfg.get("chat_template")
             if isinstance(template, list):  # transformers' named templates: [{"name": "default", "template": ...}]
                 template = next((t.get("template") for t in template if t.get("name") == "default"), None)

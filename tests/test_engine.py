@@ -126,7 +126,8 @@ def test_sigkill_at_two_points_then_resume_is_bit_identical(corpus, reference, t
     assert 8 <= resumed_step(r.stdout) < STEPS
     assert_identical(out, reference)
     # Only the newest --keep_checkpoints (2) remain, and each is a loadable model directory.
-    from minimind.checkpoint import list_checkpoints, load_model
+    from minimind.checkpoint import load_model
+    from minimind.resume import list_checkpoints
     kept = list_checkpoints(str(out))
     assert len(kept) == 2
     assert load_model(kept[-1]).config.hidden_size == 64
@@ -151,7 +152,8 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes_exactly(corpus, reference,
 
 @pytest.mark.slow
 def test_kill_during_checkpoint_write_keeps_previous_one(corpus, reference, tmp_path):
-    from minimind.checkpoint import list_checkpoints, load_model, load_training_checkpoint
+    from minimind.checkpoint import load_model
+    from minimind.resume import list_checkpoints, load_training_checkpoint
     out = tmp_path / "run"
     # The test hook makes the writer of checkpoint 4 sleep inside its temp dir, before the rename.
     run = Started(corpus, out, "--save_interval", "2", env={"MINIMIND_DEBUG_SAVE_STALL": "4:120"})
@@ -174,7 +176,8 @@ def test_kill_during_checkpoint_write_keeps_previous_one(corpus, reference, tmp_
 # Refusals: NaN, a checkpoint of another run, an earlier run in the way
 # ---------------------------------------------------------------------------------------------------------------
 def test_nan_stops_with_one_line_and_saves_nothing_bad(corpus, tmp_path):
-    from minimind.checkpoint import list_checkpoints, load_model
+    from minimind.checkpoint import load_model
+    from minimind.resume import list_checkpoints
     out = tmp_path / "run"
     r = engine_run(corpus, out, "--save_interval", "2", "--debug_nan_at_step", "5")
     assert r.returncode == 2
@@ -202,8 +205,8 @@ def test_mismatched_resume_is_refused(corpus, tmp_path, tokenizer):
     assert r.returncode == 2 and "--from_resume 1" in r.stderr.strip().splitlines()[-1]
 
     # Tokenizer and data are compared too (in-process: the same check the scripts run).
-    from minimind.checkpoint import CheckpointError, list_checkpoints, load_training_checkpoint
-    from minimind.train import check_fingerprint
+    from minimind.errors import CheckpointError
+    from minimind.resume import check_fingerprint, list_checkpoints, load_training_checkpoint
     path = list_checkpoints(str(out))[-1]
     saved = load_training_checkpoint(path)["state"]["fingerprint"]
     check_fingerprint(saved, json.loads(json.dumps(saved)), path)  # identical: accepted
@@ -269,7 +272,7 @@ def test_fsdp_two_processes_equal_one_process(corpus, single_fp32, tmp_path):
     assert r.returncode == 0, r.stderr
     assert max_diff(out, single_fp32) <= 1e-6
     # The sharded run's checkpoint is a whole model plus a full optimizer state.
-    from minimind.checkpoint import load_training_checkpoint
+    from minimind.resume import load_training_checkpoint
     ck = load_training_checkpoint(str(ckpt(out, 3)))
     assert ck["state"]["world_size"] == 2 and ck["optimizer"]["optimizer"]["state"]
 
@@ -326,7 +329,7 @@ def test_rng_streams_round_trip_through_a_checkpoint_file(tmp_path):
     import random
 
     import numpy as np
-    from minimind.train import rng_state, set_rng_state
+    from minimind.resume import rng_state, set_rng_state
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     torch.save([rng_state()], tmp_path / "rng.pt")
     draw = lambda: (random.random(), float(np.random.rand()), float(np.random.randn()), torch.rand(3))  # noqa

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from minimind import DEFAULT_TOKENIZER, hf
 from minimind.checkpoint import CheckpointError, load_config, load_model, save_model
 from minimind.config import ModelConfig
-from minimind.model import MiniMindForCausalLM, rope_inv_freq
+from minimind.model import AttentionMask, MiniMindForCausalLM, rope_inv_freq
 from minimind.tokenizer import CHAT_TEMPLATE, Tokenizer, chatml_profile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -774,7 +774,8 @@ def test_config_flag_shape_matches_transformers(transformers, tmp_path):
 @pytest.mark.slow
 def test_train_pretrain_with_config_flag(transformers, tmp_path):
     """train_pretrain.py --config: a (tiny) Qwen2-shaped model from scratch, saved as a Qwen2 checkpoint."""
-    transformers.Qwen2Config(**{**HF_SMALL, "vocab_size": 6400}, tie_word_embeddings=True).save_pretrained(
+    vocab = Tokenizer.load(DEFAULT_TOKENIZER).vocab_size   # the tokenizer train_pretrain.py uses by default
+    transformers.Qwen2Config(**{**HF_SMALL, "vocab_size": vocab}, tie_word_embeddings=True).save_pretrained(
         str(tmp_path / "cfg"))
     data = tmp_path / "pretrain.jsonl"
     data.write_text("".join(json.dumps({"text": f"Line {i}: os.path.join joins paths; json.dumps writes JSON."})
@@ -791,7 +792,7 @@ def test_train_pretrain_with_config_flag(transformers, tmp_path):
     assert type(theirs).__name__ == "Qwen2ForCausalLM"
     ours = load_model(str(tmp_path / "out")).eval()
     assert ours.config.attention_bias and not ours.config.qk_norm
-    assert interop_max_diff(ours, theirs, interop_inputs(6400)) < TOL
+    assert interop_max_diff(ours, theirs, interop_inputs(vocab)) < TOL
 
 
 def test_151k_vocab_loss_never_materialises_full_logits():
@@ -827,8 +828,8 @@ def test_151k_vocab_loss_never_materialises_full_logits():
     assert probe.largest <= rows * vocab < tokens * vocab
     # and the chunked loss is the plain cross-entropy (float64 reference, one row block at a time)
     with torch.no_grad():
-        h = model.model.norm(model.model.layers[0](model.model.embed_tokens(x), *model.model.rotary(
-            torch.arange(tokens // 2).expand(2, -1)))).reshape(-1, 16).double()
+        h = model.model(x, torch.arange(tokens // 2).expand(2, -1), AttentionMask.causal())[0]
+        h = h.reshape(-1, 16).double()
         w = model.lm_head.weight.double()
         ref = sum(torch.nn.functional.cross_entropy(h[s:s + 64] @ w.t(), y.reshape(-1)[s:s + 64], reduction="sum")
                   for s in range(0, tokens, 64)) / tokens

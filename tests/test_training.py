@@ -15,13 +15,22 @@ from minimind.config import ModelConfig
 from minimind.data import PackedWindows, load_dpo, pad_batch, pretokenize
 from minimind.loss import dpo_loss, token_logprobs
 from minimind.model import MiniMindForCausalLM
-from minimind.train import configure_optimizer, lr_at, set_lr, train_step
+from minimind.resume import RunState
+from minimind.runtime import Runtime
+from minimind.train import configure_optimizer, lr_at, train_step
 
 CPU = torch.device("cpu")
 
 
 def no_scaler():
     return torch.amp.GradScaler("cpu", enabled=False)
+
+
+def run_of(model, opt, grad_clip: float) -> RunState:
+    """The run state train_step reads: one fp32 CPU process."""
+    import argparse
+    return RunState(argparse.Namespace(grad_clip=grad_clip), Runtime(0, 0, 1, CPU, torch.float32), model, opt,
+                    no_scaler(), tokenizer=None)
 
 
 def tiny_config(vocab, **kw):
@@ -73,8 +82,9 @@ def test_tiny_model_overfits_a_tiny_corpus(tokenizer, tiny_data):
     steps = 120
     losses = []
     for step in range(steps):
-        set_lr(opt, lr_at(step, steps, 10, 1e-2))
-        loss, norm = train_step(model, opt, no_scaler(), [(x, y)], CPU, torch.float32, grad_clip=1.0)
+        out = train_step(run_of(model, opt, grad_clip=1.0), [(x, y)], lr_at(step, steps, 10, 1e-2))
+        loss, norm = out.loss, out.grad_norm
+        assert opt.param_groups[0]["lr"] == out.lr == lr_at(step, steps, 10, 1e-2)
         losses.append(loss.item())
         assert math.isfinite(losses[-1]) and math.isfinite(norm.item())
     assert abs(losses[0] - math.log(tokenizer.vocab_size)) < 0.5       # started from chance
@@ -98,7 +108,9 @@ def test_two_micro_batches_equal_one_double_batch(use_moe):
         model = copy.deepcopy(base)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt = torch.optim.SGD(model.parameters(), lr=1.0)     # param change = -gradient
-        _, norm = train_step(model, opt, no_scaler(), micro, CPU, torch.float32, grad_clip=0.0)
+        out = train_step(run_of(model, opt, grad_clip=0.0), micro, lr=1.0)
+        norm = out.grad_norm
+        assert out.tokens == 4 * 12                              # input positions of both micro-batches
         deltas.append({n: before[n] - p.detach() for n, p in model.named_parameters()})
         norms.append(norm.item())
         assert all(p.grad is None for p in model.parameters())   # zeroed after the step
@@ -117,9 +129,28 @@ def test_grad_clip_caps_the_update():
     x = torch.randint(0, 61, (2, 8))
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    _, norm = train_step(model, opt, no_scaler(), [(x, x)], CPU, torch.float32, grad_clip=1e-3)
+    norm = train_step(run_of(model, opt, grad_clip=1e-3), [(x, x)], lr=1.0).grad_norm
     step = torch.sqrt(sum(((b - p.detach()) ** 2).sum() for b, p in zip(before, model.parameters())))
     assert norm.item() > 1e-3 and step.item() == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_step_metrics_are_the_mean_over_micro_batches():
+    """A loss_fn's extra metrics (DPO's margin, distillation's KL) average over all micro-batches of the step,
+    not just the last one's."""
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(tiny_config(61)).double().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randint(0, 61, (3, 8))
+    seen = []
+
+    def loss_fn(m, batch):
+        loss = m(batch[0], targets=batch[1])
+        seen.append(float(batch[0].shape[0]))
+        return loss, {"rows": torch.tensor(float(batch[0].shape[0]))}
+    micro = [(x[:1], x[:1]), (x[1:], x[1:])]      # 1 row, then 2 rows
+    out = train_step(run_of(model, opt, grad_clip=0.0), micro, lr=0.0, loss_fn=loss_fn)
+    assert seen == [1.0, 2.0] and out.metrics["rows"].item() == pytest.approx(1.5)
+    assert out.loss.item() == pytest.approx(sum(model(b[0], targets=b[1]).item() for b in micro) / 2, rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------------------
