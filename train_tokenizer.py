@@ -4,6 +4,11 @@
 
 The result (tokenizer.json + tokenizer_config.json) is what train_pretrain.py --tokenizer reads. A tokenizer
 trained by this script on the default data ships in minimind/default_tokenizer, so this step is optional.
+
+Ids 0-2 are ChatML's <|endoftext|> <|im_start|> <|im_end|>, ids 3-8 the thinking and tool markup (<think>
+</think> <tool_call> </tool_call> <tool_response> </tool_response>), each one token; tokenizer_config.json gets
+minimind's Qwen3-style chat template (tokenizer.CHAT_TEMPLATE), which transformers renders exactly as
+minimind's renderer does. docs/en/thinking_tools.md explains the layout.
 """
 import argparse
 import json
@@ -13,6 +18,17 @@ from minimind import cli
 from minimind.checkpoint import atomic_dir
 from minimind.data import DataError, read_jsonl
 from minimind.tokenizer import train_bpe
+
+
+def message_texts(m: dict) -> list[str]:
+    """A message's strings as a model sees them: content, reasoning, and tool lists / calls as JSON text."""
+    parts = [m["content"]]
+    if isinstance(m.get("reasoning_content"), str):
+        parts.append(m["reasoning_content"])
+    for field in ("tools", "tool_calls"):
+        if m.get(field):
+            parts.append(m[field] if isinstance(m[field], str) else json.dumps(m[field], ensure_ascii=False))
+    return parts
 
 
 def texts(paths: list[str], max_chars: int):
@@ -30,9 +46,9 @@ def texts(paths: list[str], max_chars: int):
             if kind == "pretrain":
                 parts = [rec["text"]]
             elif kind == "sft":
-                parts = [m["content"] for m in rec["conversations"]]
+                parts = [t for m in rec["conversations"] for t in message_texts(m)]
             else:
-                parts = [m["content"] for m in rec["chosen"] + rec["rejected"][-1:]]
+                parts = [t for m in rec["chosen"] + rec["rejected"][-1:] for t in message_texts(m)]
             for t in parts:
                 yield t
                 seen += len(t)
@@ -49,8 +65,8 @@ def main():
     p.add_argument("--min_frequency", type=int, default=2, help="a pair must occur this often to be merged")
     p.add_argument("--max_chars", type=int, default=0, help="read at most this many characters (0 = all)")
     args = p.parse_args()
-    if args.vocab_size < 259:
-        raise cli.UsageError("--vocab_size must be at least 259 (256 bytes + 3 special tokens)")
+    if args.vocab_size < 265:
+        raise cli.UsageError("--vocab_size must be at least 265 (256 bytes + 9 special tokens)")
     for path in args.data_path:
         if not os.path.isfile(path):
             raise DataError(f"{path}: no such file (build the default data with: python dataset/build_default.py)")
