@@ -103,11 +103,12 @@ def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average (the window shrinks at the ends): follows the trend without the lag of an EMA."""
+    """Centred moving average: follows the trend without the lag of an EMA. Near the ends the window shrinks
+    symmetrically, so the first and last points are the raw values (not pulled towards their neighbours)."""
     c = np.concatenate([[0.0], np.cumsum(y)])
-    half = window // 2
-    lo = np.clip(np.arange(len(y)) - half, 0, len(y))
-    hi = np.clip(np.arange(len(y)) + half + 1, 0, len(y))
+    i = np.arange(len(y))
+    half = np.minimum(window // 2, np.minimum(i, len(y) - 1 - i))
+    lo, hi = i - half, i + half + 1
     return (c[hi] - c[lo]) / (hi - lo)
 
 
