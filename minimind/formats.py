@@ -35,6 +35,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
+
 from .data import validate
 from .errors import DataError, UsageError
 
@@ -75,18 +77,27 @@ def is_json_array(path: str) -> bool:
     return _first_char(path) == "["
 
 
-def iter_json(path: str, chunk_chars: int = 1 << 20, with_raw: bool = False):
+def iter_json(path: str, chunk_chars: int = 1 << 20, with_raw: bool = False, progress: bool = True):
     """Yield (line number, record) from a JSON Lines file or a file holding one JSON array of records.
 
     A JSON array is decoded element by element from a sliding buffer (json.JSONDecoder.raw_decode), so a
     multi-GB LLaMA-Factory `.json` file never sits in memory whole. The line number is where the record starts.
     with_raw: yield (line number, the line's bytes, record) instead; the bytes are None for a JSON array.
+    progress: a tqdm bar over the file's bytes (files of 1 MB and more).
     """
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
+    size = os.path.getsize(path)
+    with tqdm(total=size, unit="B", unit_scale=True, desc=f"read {os.path.basename(path)}", leave=False,
+              disable=not progress or size < (1 << 20)) as bar:
+        yield from _iter_json(path, chunk_chars, with_raw, bar)
+
+
+def _iter_json(path: str, chunk_chars: int, with_raw: bool, bar):
     if not is_json_array(path):
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
+                bar.update(len(raw))
                 if not raw.strip():
                     continue
                 try:
@@ -97,18 +108,26 @@ def iter_json(path: str, chunk_chars: int = 1 << 20, with_raw: bool = False):
         return
     decoder = json.JSONDecoder()
     with open(path, encoding="utf-8", errors="strict") as f:
-        buf, pos, line, eof = "", 0, 1, False
+        buf, pos, line, counted, eof = "", 0, 1, 0, False
 
-        def fill():  # append the next chunk; drop what is already consumed (counting its newlines)
-            nonlocal buf, pos, line, eof
-            line += buf.count("\n", 0, pos)
-            buf, pos = buf[pos:], 0
+        def line_at(p: int) -> int:  # line number of buf[p]; p never moves backwards, so count only the new part
+            nonlocal line, counted
+            line += buf.count("\n", counted, p)
+            counted = p
+            return line
+
+        def fill():  # append the next chunk; drop what is already consumed
+            nonlocal buf, pos, counted, eof
+            line_at(pos)
+            buf, pos, counted = buf[pos:], 0, 0
             try:
                 more = f.read(chunk_chars)
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
             eof = not more
             buf += more
+            if not bar.disable:
+                bar.update(len(more.encode("utf-8")))
 
         def skip_space(also: str = ""):
             nonlocal pos
@@ -120,7 +139,7 @@ def iter_json(path: str, chunk_chars: int = 1 << 20, with_raw: bool = False):
                 fill()
 
         def where():
-            return f"{path}:{line + buf.count(chr(10), 0, pos)}"
+            return f"{path}:{line_at(pos)}"
 
         fill()
         skip_space()
@@ -144,10 +163,9 @@ def iter_json(path: str, chunk_chars: int = 1 << 20, with_raw: bool = False):
                         break
                 except json.JSONDecodeError as e:
                     if eof:
-                        raise DataError(f"{path}:{line + buf.count(chr(10), 0, e.pos)}: invalid JSON "
-                                        f"({e.msg})") from None
+                        raise DataError(f"{path}:{line_at(max(e.pos, pos))}: invalid JSON ({e.msg})") from None
                 fill()
-            at = line + buf.count("\n", 0, pos)
+            at = line_at(pos)
             yield (at, None, obj) if with_raw else (at, obj)
             pos, expect_comma = end, True
 
@@ -519,7 +537,7 @@ class Report:
 
 
 def convert_records(path: str, spec: Spec, kind: str | None = None, report: Report | None = None,
-                    strict: bool = False):
+                    strict: bool = False, progress: bool = True):
     """Yield (line number, MiniMind record) for every usable record of `path`; Skip reasons go to `report`.
 
     kind: 'sft' or 'dpo' to insist (a DPO file fed to SFT is a DataError naming the line), None = any.
@@ -527,7 +545,7 @@ def convert_records(path: str, spec: Spec, kind: str | None = None, report: Repo
     """
     report = report if report is not None else Report(path, spec.format)
     converter = None
-    for lineno, obj in iter_json(path):
+    for lineno, obj in iter_json(path, progress=progress):
         where = f"{path}:{lineno}"
         if converter is None:
             if spec.format == "auto":
@@ -608,7 +626,7 @@ def resolve(path: str, spec: Spec) -> Spec:
     readers read JSON Lines, so an array of MiniMind records goes through the converter)."""
     if spec.format != "auto":
         return spec
-    first = next(iter_json(path), None)
+    first = next(iter_json(path, progress=False), None)
     if first is None:
         raise DataError(f"{path}: the file has no records")
     got = detect(first[1], f"{path}:{first[0]}")
@@ -617,7 +635,7 @@ def resolve(path: str, spec: Spec) -> Spec:
 
 def convert_kind(path: str, spec: Spec) -> str:
     """'sft', 'dpo' (or 'pretrain') from the first record of `path` that converts."""
-    for _, rec in convert_records(path, spec, None, Report(path, spec.format)):
+    for _, rec in convert_records(path, spec, None, Report(path, spec.format), progress=False):
         return "dpo" if "chosen" in rec else "sft" if "conversations" in rec else "pretrain"
     raise DataError(f"{path}: no record could be converted; check --format and --map")
 
@@ -627,7 +645,7 @@ def make_reader(spec: Spec, strict: bool = False, kind: str | None = None):
     converted on the fly; prints the Report's summary (converted, skipped and why) when the file is done."""
     def reader(path: str, want: str | None = kind, progress: bool = False):
         report = Report(path, spec.format)
-        for _, rec in convert_records(path, spec, want, report, strict):
+        for _, rec in convert_records(path, spec, want, report, strict, progress):
             yield rec
         if os.environ.get("RANK", "0") == "0":  # under torchrun, once
             print(report.summary(), file=sys.stderr if report.skipped else sys.stdout, flush=True)
