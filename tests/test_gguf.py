@@ -193,6 +193,33 @@ def test_llama_cpp_tokenizes_exactly_like_us(llama_cpp, trained_gguf, tok):
     assert llm.token_eos() == tok.eos_id
 
 
+def qwen_like_tokenizer() -> Tokenizer:
+    """A small BPE with Qwen2's pipeline (NFC, its split regex, byte-level without regex), as a fine-tuned Qwen has."""
+    from tokenizers import Regex
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+    t = HFTok(models.BPE())
+    t.normalizer = normalizers.NFC()
+    t.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(gguf_export.QWEN2_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(SAMPLE * 3 + TEXTS * 3, trainers.BpeTrainer(
+        vocab_size=600, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    return Tokenizer(t)
+
+
+def test_llama_cpp_tokenizes_a_qwen_style_tokenizer_like_us(llama_cpp, tmp_path):
+    qtok = qwen_like_tokenizer()
+    model = MiniMindForCausalLM(gguf_config(vocab_size=qtok.vocab_size))
+    path = gguf_export.export_gguf(model, qtok, str(tmp_path / "q.gguf"), "f32")["path"]
+    assert read_fields(path)[0]["tokenizer.ggml.pre"] == "qwen2"
+    llm = load_llama(llama_cpp, path, vocab_only=True)
+    for text in SAMPLE + ["12345 digits one by one", "a\n\n\nb  \n c"]:
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == qtok.encode(text), text
+
+
 ARCHS = {  # our config -> the llama.cpp graph that must compute it
     "qwen3": dict(),
     "llama": dict(qk_norm=False),                                        # q/k rows permuted for its RoPE
