@@ -299,6 +299,8 @@ def _check_call(call, at: str) -> tuple[str, str]:
     name, args = fn.get("name"), fn.get("arguments")
     if not isinstance(name, str) or not name:
         raise DataError(f"{at}: needs a non-empty string 'name'")
+    if any(c in name for c in '"\\\n'):      # the templates paste the name between quotes, unescaped
+        raise DataError(f"{at}: name {name!r} has a quote, backslash or newline, which would break the call's JSON")
     if args is None:
         raise DataError(f"{at}: has no 'arguments' (use {{}} for a call without arguments)")
     if isinstance(args, str):                   # written verbatim by the templates: it must already be JSON
@@ -309,6 +311,7 @@ def _check_call(call, at: str) -> tuple[str, str]:
                             f"to write broken calls") from None
         if not isinstance(parsed, dict):
             raise DataError(f"{at}: arguments must be a JSON object, got {type(parsed).__name__}")
+        _strict_json(parsed, f"{at}: arguments")
         return name, args
     if not isinstance(args, dict):
         raise DataError(f"{at}: arguments must be an object (or JSON text of one), got {type(args).__name__}")

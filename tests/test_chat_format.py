@@ -362,6 +362,8 @@ BAD = [
     (conv_with(tool_calls=[{"name": "f", "arguments": "[1, 2]"}]), r"arguments must be a JSON object"),
     (conv_with(tool_calls=[{"name": "f", "arguments": {"x": float("nan")}}]), r"cannot be written as JSON"),
     (conv_with(tool_calls=[{"arguments": {}}]), r"tool_calls\[0\]: needs a non-empty string 'name'"),
+    (conv_with(tool_calls=[{"name": 'say"hi', "arguments": {}}]), r"has a quote, backslash or newline"),
+    (conv_with(tool_calls=[{"name": "f", "arguments": "{\"x\": NaN}"}]), r"arguments cannot be written as JSON"),
     (conv_with(tool_calls=[{"type": "function", "function": {"name": "f"}}]), r"has no 'arguments'"),
     (conv_with(tool_calls="[{\"name\": \"f\", \"arguments\": {}}"), r"tool_calls is a string but not valid JSON"),
     (conv_with(), r"conversations\[1\] is an assistant turn with no content, tool_calls or reasoning"),
