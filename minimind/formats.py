@@ -643,12 +643,13 @@ def convert_kind(path: str, spec: Spec) -> str:
 def make_reader(spec: Spec, strict: bool = False, kind: str | None = None):
     """reader(path, kind, progress) for load_sft / load_dpo / compute_stats: validated MiniMind records
     converted on the fly; prints the Report's summary (converted, skipped and why) when the file is done."""
-    def reader(path: str, want: str | None = kind, progress: bool = False):
+    def reader(path: str, want: str | None = kind, progress: bool = False, with_lines: bool = False):
         report = Report(path, spec.format)
-        for _, rec in convert_records(path, spec, want, report, strict, progress):
-            yield rec
+        for lineno, rec in convert_records(path, spec, want, report, strict, progress):
+            yield (lineno, rec) if with_lines else rec
         if os.environ.get("RANK", "0") == "0":  # under torchrun, once
             print(report.summary(), file=sys.stderr if report.skipped else sys.stdout, flush=True)
+    reader.yields_lines = True  # load_sft / load_dpo then name FILE:LINE in their errors, as for our own files
     return reader
 
 

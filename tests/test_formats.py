@@ -311,6 +311,15 @@ def test_converted_tool_turns_render_and_supervise_the_call(tool_tokenizer):
     assert "It is 20 degrees" in supervised and '{"temp": 20}' not in supervised  # ... not the tool's answer
 
 
+def test_errors_found_while_rendering_converted_records_name_their_line(tool_tokenizer, tmp_path):
+    recs = json.loads(json.dumps(SHAREGPT_TOOLS[:3]))
+    recs[2]["conversations"][1]["value"] = '{"name": "get_weather", "arguments": {"city": NaN}}'  # Python reads NaN
+    path = write_jsonl(tmp_path / "nan.jsonl", recs)
+    reader = formats.record_reader(format_args(path, "sharegpt"), "sft")
+    with pytest.raises(DataError, match=rf"^{path}:3: .*NaN"):
+        load_sft(path, tool_tokenizer, 320, reader=reader)
+
+
 @pytest.fixture(scope="module")
 def base_model(tool_tokenizer, tmp_path_factory):
     tokenizer = tool_tokenizer

@@ -81,6 +81,27 @@ def test_checksums_are_what_decides():
     assert len(find_pii("11010519491231002X")) == 1
 
 
+def test_fast_path_finds_exactly_what_a_full_scan_finds():
+    """find_pii runs the digit patterns only around digit runs; on random digit soup (with the separators, letters,
+    CJK, dots) and on every example above, that must give the very spans a scan of the whole text gives."""
+    rng = np.random.default_rng(0)
+    alphabet = list("0123456789" * 4 + " ().+-Xx" + "ab.:@中")
+    pieces = [v for _, _, v in POSITIVES if v] + ["11010519491231002X", "6250941006528599", "+86 138 0013 8000"]
+    texts = [t for _, t, _ in POSITIVES] + NEGATIVES
+    for _ in range(3000):
+        t = "".join(rng.choice(alphabet, int(rng.integers(1, 40))))
+        if rng.random() < 0.5:
+            k = int(rng.integers(0, len(t) + 1))
+            t = t[:k] + pieces[int(rng.integers(len(pieces)))] + t[k:]
+        texts.append(t)
+    hits = 0
+    for t in texts:
+        fast, full = find_pii(t), find_pii(t, windowed=False)
+        assert fast == full, t
+        hits += bool(full)
+    assert hits > 200   # the soup does contain plenty of hits, so the comparison means something
+
+
 def test_placeholders_counts_and_nested_values():
     counts = {}
     text = "mail a.b@example.org, tel 13800138000, ip 192.168.1.20 and again a.b@example.org"
