@@ -78,7 +78,8 @@ def main():
         raise cli.UsageError(f"--teacher {args.teacher}: vocab_size {teacher.config.vocab_size} differs from the "
                              f"student's {student.config.vocab_size}; their logits cannot be compared")
     model = prepare_model(student.to(rt.device), args, rt, dynamic=args.data_kind == "sft" and not args.packing)
-    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, rt.device)
+    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, rt.device,
+                                    kind=args.optimizer, muon_lr=args.muon_lr)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
 
     # --- data: conversations (packed, assistant tokens supervised) or plain-text windows --------------------
@@ -93,7 +94,8 @@ def main():
                    f"{sum(e.truncated for e in examples)} truncated at --max_seq_len (end of reply cut) | "
                    f"{dropped} dropped (no reply fits)")
     else:
-        data = PackedWindows(pretokenize(args.data_path, tokenizer), args.max_seq_len)
+        with runtime.main_first(rt.world, rt.rank):  # rank 0 tokenizes (once, cached); the others read it
+            data = PackedWindows(pretokenize(args.data_path, tokenizer), args.max_seq_len)
         n_val = holdout(len(data), args.val_ratio, args.eval_interval > 0, min_val=args.batch_size)
         n_train = len(data) - n_val
         sampler = Sampler(n_train, args.batch_size, args.accumulation_steps, rt.world, rt.rank, seed=args.seed)

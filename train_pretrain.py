@@ -35,16 +35,13 @@ def main():
     tok_dir = args.from_weight if args.from_weight != "none" else (args.tokenizer or DEFAULT_TOKENIZER)
     tokenizer = Tokenizer.load(tok_dir)
     model = prepare_model(build_model(args, tokenizer.vocab_size).to(rt.device), args, rt)
-    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, rt.device)
+    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, rt.device,
+                                    kind=args.optimizer, muon_lr=args.muon_lr)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)  # fp16 needs loss scaling
 
     # --- data: tokenize once to a memmap, then cut packed windows (no padding) ------------------------------
-    if rt.world > 1 and not rt.main:  # rank 0 tokenizes (once, cached); the others wait, then read its memmap
-        torch.distributed.barrier()
-    tokens = pretokenize(args.data_path, tokenizer)
-    if rt.world > 1 and rt.main:
-        torch.distributed.barrier()
-    windows = PackedWindows(tokens, args.max_seq_len)
+    with runtime.main_first(rt.world, rt.rank):  # rank 0 tokenizes (once, cached); the others read its memmap
+        windows = PackedWindows(pretokenize(args.data_path, tokenizer), args.max_seq_len)
     n_val = holdout(len(windows), args.val_ratio, args.eval_interval > 0, min_val=args.batch_size)
     n_train = len(windows) - n_val  # the last n_val windows (the end of the corpus) are held out
     sampler = Sampler(n_train, args.batch_size, args.accumulation_steps, rt.world, rt.rank, seed=args.seed)

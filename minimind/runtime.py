@@ -114,6 +114,17 @@ def control_barrier() -> None:
         dist.barrier(group=_CONTROL_GROUP)
 
 
+@contextlib.contextmanager
+def main_first(world: int, rank: int):
+    """Rank 0 runs the block first (e.g. tokenizing into the shared cache); the others wait, then run it (and
+    find the cache ready). A no-op in a single process."""
+    if world > 1 and rank != 0:
+        dist.barrier()
+    yield
+    if world > 1 and rank == 0:
+        dist.barrier()
+
+
 def gather_to_rank0(obj, world: int) -> list | None:
     """Every rank's obj, in rank order, on rank 0 (None elsewhere); [obj] in a single process."""
     if world == 1:
