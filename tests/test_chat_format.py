@@ -400,3 +400,58 @@ def test_minimind_shapes_are_valid(tmp_path):
                                "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]})
                    + "\n")
     assert len(list(read_jsonl(str(dpo), "dpo"))) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Random conversations: every combination the probes and cases might have missed
+# ---------------------------------------------------------------------------------------------------------------
+def random_conversation(rng):
+    """A valid record: random roles in a sensible order, whitespace-heavy and non-ASCII text, reasoning in the
+    field or inline (or empty), calls with or without the wrapper and with object or text arguments."""
+    words = ["hi", " 你好", "\n", "  x = 1", "🎉", "\n\ncode", "a\tb", " ", "end\n", "<tool_response>", "json {}"]
+    text = lambda: "".join(rng.choice(words) for _ in range(rng.randint(0, 4)))   # noqa: E731
+    conv = []
+    if rng.random() < 0.6:
+        conv.append({"role": "system", "content": text(), **({"tools": TOOLS} if rng.random() < 0.5 else {})})
+    for _ in range(rng.randint(1, 3)):
+        user = text() or "q"
+        if rng.random() < 0.1:
+            user = "<tool_response>\nold\n</tool_response>"   # Qwen3 treats this as a tool result, not a query
+        conv.append({"role": "user", "content": user})
+        for _ in range(rng.randint(1, 3)):
+            turn = {"role": "assistant", "content": text() or "a"}
+            r = rng.random()
+            if r < 0.3:
+                turn["reasoning_content"] = rng.choice(["", "\n", "think", "\nstep 1\nstep 2\n", " 想一想 "])
+            elif r < 0.45:
+                turn["content"] = f"<think>{rng.choice(['', chr(10), 'inline'])}</think>{text()}"
+            if rng.random() < 0.4:
+                calls = []
+                for k in range(rng.randint(1, 2)):
+                    args = rng.choice([{}, {"city": "北京"}, '{"a": 1}', {"nested": {"x": [1, 2.5, None, True]}}])
+                    call = {"name": f"fn{k}", "arguments": args}
+                    calls.append({"type": "function", "function": call} if rng.random() < 0.5 else call)
+                turn["tool_calls"] = calls if rng.random() < 0.7 else json.dumps(calls, ensure_ascii=False)
+                conv.append(turn)
+                for _ in range(rng.randint(0, 2)):
+                    conv.append({"role": "tool", "content": text() or "ok"})
+                continue
+            conv.append(turn)
+    return conv
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_random_conversations_equal_apply_chat_template(pairs, name):
+    import random
+    tok, hf_tok = get(pairs, name)
+    rng = random.Random(sum(map(ord, name)))          # a fixed seed per template
+    for n in range(60):
+        conv = random_conversation(rng)
+        gen, thinking = rng.choice([(False, None), (True, None), (True, True), (True, False)])
+        ids, mask = tok.render_chat(conv, add_generation_prompt=gen, thinking=thinking)
+        assert ids == hf_ids(hf_tok, conv, gen, thinking), f"{name} #{n}: {conv}"
+        supervised = runs(tok, ids, mask)
+        assert all(r.endswith("<|im_end|>") for r in supervised)        # each turn ends where the model stops
+        assert len(supervised) <= sum(m["role"] == "assistant" for m in conv)
+        if name == "minimind3":
+            assert all(t >= o for t, o in zip(minimind_labels(ids, tok), mask))
