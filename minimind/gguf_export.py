@@ -220,7 +220,9 @@ def _add_tokenizer(w, tokenizer: Tokenizer, vocab_size: int) -> dict:
 # Ollama Modelfile
 # ---------------------------------------------------------------------------------------------------------------
 def modelfile_text(gguf_name: str, tokenizer: Tokenizer, num_ctx: int) -> str:
-    """An Ollama Modelfile for the GGUF: TEMPLATE renders conversations exactly as our ChatML renderer does."""
+    """An Ollama Modelfile for the GGUF: TEMPLATE renders plain conversations (system/user/assistant turns, no
+    tools, no reasoning) exactly as our tokenizer's chat template does (Tokenizer.chat_profile gives the quirks:
+    a default system prompt, a fixed reply prefix). Tool calls are left to llama.cpp's own Jinja path."""
     default_system, reply_prefix = tokenizer.chat_profile()
     prefix = reply_prefix.replace("{{", "{{`{{`}}")  # Go template: literal braces must be escaped
     lines = [

@@ -227,6 +227,7 @@ ARCHS = {  # our config -> the llama.cpp graph that must compute it
     "qwen3moe": dict(use_moe=True, num_experts=4, num_experts_per_tok=2),   # stacked experts, renormalised top-2
     "llama-untied-linear-rope": dict(qk_norm=False, tie_word_embeddings=False,
                                      rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "qwen3-padded-vocab": dict(vocab_size=VOCAB + 58),                   # embedding rows the tokenizer lacks
 }
 
 
@@ -278,7 +279,9 @@ def test_llama_cpp_chat_uses_our_template_and_stops_at_im_end(llama_cpp, trained
     prompts = [c[:1] for c in CHATS] + [[{"role": "system", "content": "Be brief."}, *CHATS[0],
                                          {"role": "user", "content": "和 Qwen 一样吗？"}]]
     for messages in prompts:
-        assert fmt(messages=messages).prompt == tok.chat_text(messages, add_generation_prompt=True)
+        want = tok.render_text(messages, add_generation_prompt=True)
+        assert fmt(messages=messages).prompt == want   # llama-cpp-python's Jinja rendering of the GGUF's template
+        assert llama_cpp_chat_text(llama_cpp, llm, messages) == want   # llama.cpp's own C++ renderer
     ours = complete_chats(trained, tok, prompts[:2], max_new_tokens=64)
     for messages, reply in zip(prompts[:2], ours):
         r = llm.create_chat_completion(messages, temperature=0.0, max_tokens=64)
@@ -286,6 +289,19 @@ def test_llama_cpp_chat_uses_our_template_and_stops_at_im_end(llama_cpp, trained
         assert choice["message"]["content"] == reply == messages_reply(messages)
         assert choice["finish_reason"] == "stop"   # ended by <|im_end|>, not by max_tokens
         assert "<|im_end|>" not in choice["message"]["content"]
+
+
+def llama_cpp_chat_text(llama_cpp, llm, messages) -> str:
+    """llama_chat_apply_template: how llama.cpp's own programs (llama-cli, llama-server without --jinja) render a
+    chat with the GGUF's template (it recognises ChatML from the template text)."""
+    import ctypes
+    template = llama_cpp.llama_model_chat_template(llm._model.model, None)
+    chat = (llama_cpp.llama_chat_message * len(messages))(
+        *[llama_cpp.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in messages])
+    buf = ctypes.create_string_buffer(1 << 14)
+    n = llama_cpp.llama_chat_apply_template(template, chat, len(messages), True, buf, len(buf))
+    assert 0 < n <= len(buf)
+    return buf.raw[:n].decode("utf-8")
 
 
 def messages_reply(messages):
