@@ -76,7 +76,8 @@ def main():
     g = p.add_argument_group("DPO")
     g.add_argument("--beta", type=float, default=0.1,
                    help="strength of the pull toward the reference model (higher = stay closer)")
-    g.add_argument("--label_smoothing", type=float, default=0.0, help="conservative DPO: assumed share of flipped labels")
+    g.add_argument("--label_smoothing", type=float, default=0.0,
+                   help="conservative DPO: assumed share of flipped labels")
     g.add_argument("--ipo", type=int, default=0, choices=[0, 1], help="1 = IPO loss instead of DPO's log-sigmoid")
     g.add_argument("--precompute_ref", type=int, default=0, choices=[0, 1],
                    help="1 = score every pair with the reference once before training and free it (saves a model's "
@@ -94,7 +95,8 @@ def main():
     model = prepare_model(build_model(args, tokenizer.vocab_size).to(rt.device), args, rt,
                           dynamic=True)  # padded batches vary in length: compile for dynamic shapes
     reference = load_model(args.from_weight, device=rt.device).eval().requires_grad_(False)
-    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, rt.device)
+    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, rt.device,
+                                    kind=args.optimizer, muon_lr=args.muon_lr)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
 
     # --- data: each batch is [chosen rows; rejected rows], so one forward scores both -----------------------

@@ -154,7 +154,8 @@ def _read_one(file: str) -> dict[str, torch.Tensor]:
     try:  # .pth / .bin: weights only, so a checkpoint cannot run code on load
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad pickle; all mean "unreadable"
-        raise CheckpointError(f"{file}: not a readable PyTorch weight file ({type(e).__name__}: {e})".split("\n")[0]) from None
+        reason = f"{type(e).__name__}: {e}".split("\n")[0]
+        raise CheckpointError(f"{file}: not a readable PyTorch weight file ({reason})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # MiniMind's *_resume.pth
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -178,7 +179,8 @@ def _read_sharded(index_file: str) -> dict[str, torch.Tensor]:
         for name, where in weight_map.items():
             if where == shard:
                 if name not in tensors:
-                    raise CheckpointError(f"{shard_file}: missing tensor {name} (listed in {os.path.basename(index_file)})")
+                    raise CheckpointError(f"{shard_file}: missing tensor {name} (listed in "
+                                          f"{os.path.basename(index_file)})")
                 sd[name] = tensors[name]
     return sd
 

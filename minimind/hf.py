@@ -141,7 +141,7 @@ def model_type_of(d: dict, source: str) -> str:
     if model_type not in ARCHITECTURES or (arch is not None and arch not in by_arch):
         name = arch or model_type or "(none: no 'architectures' or 'model_type' key)"
         raise CheckpointError(f"{source}: architecture {name} is not supported; minimind loads "
-                     f"{', '.join(ARCHITECTURES.values())}")
+                              f"{', '.join(ARCHITECTURES.values())}")
     if arch is not None and by_arch[arch] != model_type:
         raise CheckpointError(f"{source}: architectures says {arch} but model_type is {model_type!r}")
     return model_type
@@ -247,14 +247,15 @@ def _rope_from_hf(d: dict, source: str) -> dict:
         return {"rope_theta": float(theta), "rope_scaling": None}
     if kind not in ("linear", "yarn"):
         raise CheckpointError(f"{source}: rope_scaling type {kind!r} is not supported (minimind computes 'default', "
-                     f"'linear' and 'yarn' exactly as transformers does)")
+                              f"'linear' and 'yarn' exactly as transformers does)")
     allowed = {"rope_type", "type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
                "attention_factor", "truncate"} if kind == "yarn" else {"rope_type", "type", "factor"}
     extra = sorted(set(scaling) - allowed)
     if extra:
         raise CheckpointError(f"{source}: rope_scaling key '{extra[0]}' is not supported for {kind!r}")
     if scaling.get("truncate", True) is not True:
-        raise CheckpointError(f"{source}: rope_scaling 'truncate' = false is not supported (YaRN's ramp is truncated here)")
+        raise CheckpointError(f"{source}: rope_scaling 'truncate' = false is not supported (YaRN's ramp is "
+                              f"truncated here)")
     if not isinstance(scaling.get("factor"), (int, float)):
         raise CheckpointError(f"{source}: rope_scaling needs a numeric 'factor'")
     out = {k: v for k, v in scaling.items() if k not in ("type", "truncate")}
@@ -276,10 +277,11 @@ def _from_minimind_config(d: dict, source: str) -> ModelConfig:
         inter = d.get("intermediate_size") or math.ceil(hidden * math.pi / 64) * 64
     use_moe = bool(d.get("use_moe", False))
     if use_moe and v2 and d.get("n_shared_experts", 1):
-        raise CheckpointError(f"{source}: 'n_shared_experts' = {d.get('n_shared_experts', 1)} is not supported: minimind's "
-                     f"MoE has routed experts only")
+        raise CheckpointError(f"{source}: 'n_shared_experts' = {d.get('n_shared_experts', 1)} is not supported: "
+                              f"minimind's MoE has routed experts only")
     if d.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{source}: 'hidden_act' = {json.dumps(d.get('hidden_act'))} is not supported: SwiGLU (silu)")
+        raise CheckpointError(f"{source}: 'hidden_act' = {json.dumps(d.get('hidden_act'))} is not supported: "
+                              f"SwiGLU (silu)")
     cfg = dict(
         vocab_size=d.get("vocab_size", 6400), hidden_size=hidden, num_hidden_layers=d.get("num_hidden_layers", 8),
         num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads", 2 if v2 else 4),
@@ -329,7 +331,7 @@ def to_minimind_names(sd: dict[str, torch.Tensor], config: ModelConfig, model_ty
             continue                               # RoPE tables: recomputed from the config
         if not v.is_floating_point():
             raise CheckpointError(f"{source}: tensor {k} has dtype {str(v.dtype).replace('torch.', '')}; only float "
-                         f"weights (fp32/bf16/fp16) can be loaded")
+                                  f"weights (fp32/bf16/fp16) can be loaded")
         m = re.fullmatch(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)", k)
         if m and v.dim() == 3:                     # transformers 5 fused experts: (E, 2I, H) and (E, H, I)
             base, kind = m.groups()
@@ -342,8 +344,8 @@ def to_minimind_names(sd: dict[str, torch.Tensor], config: ModelConfig, model_ty
             continue
         if k.endswith("self_attn.o_proj.bias") and (model_type in _BIAS_ON_O or model_type is None):
             if torch.count_nonzero(v):
-                raise CheckpointError(f"{source}: tensor {k} is nonzero: minimind's attention has no output bias, so this "
-                             f"model cannot be loaded exactly")
+                raise CheckpointError(f"{source}: tensor {k} is nonzero: minimind's attention has no output bias, "
+                                      f"so this model cannot be loaded exactly")
             continue
         out[k] = v
     if config.tie_word_embeddings and "model.embed_tokens.weight" not in out and "lm_head.weight" in out:
@@ -351,7 +353,7 @@ def to_minimind_names(sd: dict[str, torch.Tensor], config: ModelConfig, model_ty
     if config.tie_word_embeddings and "lm_head.weight" in out and "model.embed_tokens.weight" in out:
         if not torch.equal(out["lm_head.weight"], out["model.embed_tokens.weight"]):
             raise CheckpointError(f"{source}: tie_word_embeddings is true but lm_head.weight differs from "
-                         f"model.embed_tokens.weight; set it to false in config.json if the head is separate")
+                                  f"model.embed_tokens.weight; set it to false in config.json if the head is separate")
     return out
 
 
@@ -376,7 +378,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], source: str) -> ModelCon
     experts = sorted({int(m.group(1)) for k in sd if (m := re.match(r"model\.layers\.0\.mlp\.experts\.(\d+)\.", k))})
     if any(".shared_experts." in k for k in sd):
         raise CheckpointError(f"{source}: tensor {next(k for k in sd if '.shared_experts.' in k)} is not supported: "
-                     f"minimind's MoE has routed experts only")
+                              f"minimind's MoE has routed experts only")
     if experts:
         inter = shape("model.layers.0.mlp.experts.0.gate_proj.weight")[0]
     else:
