@@ -483,7 +483,7 @@ class Converter:
     def _turn(self, tag: str, value, where: str) -> dict:
         t = self.spec.tags
         if not isinstance(value, str):
-            if tag == t["function_tag"] and isinstance(value, (dict, list)):
+            if tag in (t["function_tag"], t["observation_tag"]) and isinstance(value, (dict, list)):
                 value = json.dumps(value, ensure_ascii=False)
             else:
                 raise DataError(f"{where}: a '{tag}' turn's '{t['content_tag']}' must be a string")

@@ -387,6 +387,40 @@ def test_each_format_trains_directly_with_format_flag(script, fmt, base_model, u
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(f"error: {path}:")
 
 
+DPO_STRING = [{"prompt": f"What is {i} plus {i}?", "chosen": f"{2 * i}.", "rejected": f"Maybe {2 * i + 1}?"}
+              for i in range(8)]
+DPO_SHAREGPT = [{"conversations": [{"from": "human", "value": f"Name a colour, {i}."}],
+                 "chosen": {"from": "gpt", "value": "Blue."}, "rejected": {"from": "gpt", "value": "No."}}
+                for i in range(8)]
+DPO_TRAIN = ["--max_seq_len", 64, "--batch_size", 2, "--max_steps", 2, "--device", "cpu", "--dtype", "float32",
+             "--num_threads", 1, "--log_interval", 1]
+
+
+def test_dpo_forms_train_via_convert(base_model, tool_tokenizer, tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    with open(out, "wb") as f:
+        for name, recs in [("string", DPO_STRING), ("sharegpt", DPO_SHAREGPT)]:
+            src = write_jsonl(tmp_path / f"{name}.jsonl", recs)
+            part = tmp_path / f"{name}.dpo.jsonl"
+            assert convert_file(src, str(part), Spec("auto"), "dpo").converted == 8
+            f.write(part.read_bytes())
+    assert len(load_dpo(str(out), tool_tokenizer, 64)[0]) == 16
+    r = run_script("train_dpo.py", "--from_weight", base_model, "--data_path", out, "--out_dir", tmp_path / "out",
+                   *DPO_TRAIN, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "out" / "metrics.jsonl").is_file()
+
+
+def test_dpo_string_form_trains_directly_with_format_flag(base_model, tmp_path):
+    if not _wired("train_dpo.py"):
+        pytest.skip("train_dpo.py does not take --format yet (formats.add_format_args + record_reader)")
+    src = write_jsonl(tmp_path / "pairs.jsonl", DPO_STRING)
+    r = run_script("train_dpo.py", "--from_weight", base_model, "--data_path", src, "--out_dir", tmp_path / "out",
+                   *DPO_TRAIN, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "8 records read, 8 converted, 0 skipped" in r.stdout + r.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Real data: the shared alpaca-GPT4 demo, rebuilt in alpaca shape, converts back to exactly what we ship
 # ---------------------------------------------------------------------------------------------------------------
