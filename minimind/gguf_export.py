@@ -64,8 +64,8 @@ def _gguf():
 def gguf_arch(config: ModelConfig) -> str:
     """llama.cpp's architecture name for this config; refuses what llama.cpp would compute differently."""
     if config.use_moe and not config.qk_norm:
-        raise UsageError("an MoE model without q/k norm has no llama.cpp architecture (qwen3moe normalises q and "
-                         "k); train with --qk_norm 1 to export it to GGUF")
+        raise UsageError("an MoE model without q/k norm (e.g. MiniMind2-MoE) has no llama.cpp architecture: "
+                         "qwen3moe, the only one with our router, normalises q and k; it cannot be exported to GGUF")
     if config.use_moe and not config.norm_topk_prob:
         # llama.cpp's qwen3moe graph always renormalises the top-k router weights (build_moe_ffn norm_w=true).
         raise UsageError("norm_topk_prob = false is not exported to GGUF: llama.cpp's qwen3moe always renormalises "
