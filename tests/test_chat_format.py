@@ -455,3 +455,33 @@ def test_random_conversations_equal_apply_chat_template(pairs, name):
         assert len(supervised) <= sum(m["role"] == "assistant" for m in conv)
         if name == "minimind3":
             assert all(t >= o for t, o in zip(minimind_labels(ids, tok), mask))
+
+
+def test_train_full_sft_on_a_minimind3_tool_and_reasoning_file(tmp_path):
+    """The issue's 'done when': a MiniMind-3 SFT file with tool calls and reasoning trains, end to end, on
+    MiniMind-3's tokenizer (ours where it is absent), with every record kept and rendered by its template."""
+    import torch
+    from conftest import run_script
+    from minimind.checkpoint import save_model
+    from minimind.config import ModelConfig
+    from minimind.model import MiniMindForCausalLM
+    tok = Tokenizer.load(str(MINIMIND3) if (MINIMIND3 / "tokenizer.json").is_file() else DEFAULT_TOKENIZER)
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, intermediate_size=128))
+    save_model(model, tok, str(tmp_path / "base"))
+    records = [CASES["minimind_tool_record"], CASES["multi_turn_tools"], CASES["openai_parallel_calls"],
+               CASES["reasoning_multi_turn"]] * 4
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"conversations": c}, ensure_ascii=False) + "\n" for c in records),
+                    encoding="utf-8")
+    r = run_script("train_full_sft.py", "--from_weight", tmp_path / "base", "--data_path", path, "--out_dir",
+                   tmp_path / "out", "--max_seq_len", 512, "--batch_size", 2, "--max_steps", 2, "--device", "cpu",
+                   "--dtype", "float32", "--num_threads", 1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "0 dropped" in r.stdout and (tmp_path / "out" / "model.safetensors").is_file()
+    examples, dropped = load_sft(str(path), tok, 512)
+    assert dropped == 0 and len(examples) == len(records)
+    for ex, conv in zip(examples, records):     # what was trained is the template's rendering, up to the last target
+        full, _ = tok.render_chat(conv)
+        assert ex.ids == full[:len(ex.ids)] and not any(e.truncated for e in examples)
