@@ -5,9 +5,12 @@ Each script adds its own group (DPO's --beta, LoRA's --lora_rank, ...) after the
 from __future__ import annotations
 
 import argparse
+import math
 
 from .config import PRESETS
 from .data import REASONING
+from .errors import UsageError
+from .optim import OPTIMIZERS, SCHEDULES
 from .runtime import DTYPES
 
 
@@ -37,7 +40,23 @@ def add_common_args(p: argparse.ArgumentParser, *, data_path: str, out_dir: str,
     g.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--max_seq_len", type=int, default=max_seq_len, help="tokens per training sequence")
     g.add_argument("--learning_rate", type=float, default=learning_rate, help="peak learning rate")
-    g.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine decays to learning_rate * this")
+    g.add_argument("--min_lr_ratio", type=float, default=0.1, help="the schedule ends at learning_rate * this")
+    g.add_argument("--lr_schedule", default="cosine", choices=SCHEDULES,
+                   help="after warm-up: cosine = decay all the way; wsd = warmup-stable-decay: hold the peak, then "
+                        "decay linearly over the last --decay_ratio of the run (fits --time_budget)")
+    g.add_argument("--decay_ratio", type=float, default=0.2, help="wsd: share of the run spent decaying")
+    g.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
+                   help="adamw, or muon = Muon (orthogonalised momentum) for hidden matrices + AdamW for embeddings, "
+                        "head, norms and biases (minimind/optim.py)")
+    g.add_argument("--muon_lr", type=float, default=0.02,
+                   help="--optimizer muon: peak LR of the hidden matrices (Keller Jordan's 0.02); it follows the "
+                        "same schedule, scaled by muon_lr / learning_rate")
+    g.add_argument("--time_budget", type=float, default=0,
+                   help="minutes of training (0 = none): the schedule is laid out over the time, so the run stops on "
+                        "its floor LR when the time is up (or at --epochs / --max_steps, if sooner)")
+    g.add_argument("--batch_tokens", type=int, default=0,
+                   help="tokens per optimizer step, all ranks (0 = --batch_size x --accumulation_steps rows): sets "
+                        "--accumulation_steps, with --batch_size rows as the per-device micro-batch cap")
     g.add_argument("--warmup_iters", type=int, default=0, help="linear warm-up steps")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
@@ -85,6 +104,25 @@ def add_common_args(p: argparse.ArgumentParser, *, data_path: str, out_dir: str,
                    help="testing only: make the loss NaN at this step, to exercise the non-finite guard")
 
 
+def apply_batch_tokens(args, world: int) -> None:
+    """--batch_tokens N -> rows per micro-batch and micro-batches per step (args.batch_size, .accumulation_steps).
+
+    A step then holds ~N token positions (--max_seq_len per row, padding included), whatever the device count:
+    rows = N / (max_seq_len x world), split into ceil(rows / batch_size) micro-batches of equal size."""
+    n = getattr(args, "batch_tokens", 0)
+    if not n:
+        return
+    per_row = args.max_seq_len * world
+    if n < per_row:
+        raise UsageError(f"--batch_tokens {n}: less than one row per rank ({args.max_seq_len} tokens x {world} "
+                         f"rank(s) = {per_row}); raise it or lower --max_seq_len")
+    if args.accumulation_steps != 1:
+        raise UsageError("--batch_tokens sets --accumulation_steps itself: drop one of the two flags")
+    rows = round(n / per_row)
+    args.accumulation_steps = math.ceil(rows / args.batch_size)
+    args.batch_size = round(rows / args.accumulation_steps)
+
+
 def add_conversation_args(p: argparse.ArgumentParser, packing: bool = True) -> None:
     """How conversations become training rows: SFT, LoRA and distillation (packing too), DPO (reasoning only)."""
     g = p.add_argument_group("conversations")
@@ -93,5 +131,6 @@ def add_conversation_args(p: argparse.ArgumentParser, packing: bool = True) -> N
                        help="1 = pack several conversations per --max_seq_len window, attention kept inside each "
                             "(no padding waste); 0 = batches of similar length padded to the batch's longest")
     g.add_argument("--reasoning", default="keep", choices=REASONING,
-                   help="assistant turns' reasoning_content: keep = train on '<think>...</think>' before the reply "
-                        "(MiniMind-3 template), drop = ignore it")
+                   help="assistant turns' reasoning: keep = train on it as the tokenizer's template writes it "
+                        "('<think>...</think>' before the reply), drop = remove it (the reasoning_content field and "
+                        "inline <think> blocks)")
