@@ -171,7 +171,8 @@ def metrics_figure(rows: list[dict], run: str, file: str = "metrics.jsonl"):
         if log or (log is None and _wide(all_y)):
             if (all_y > 0).all():
                 ax.set_yscale("log")
-                ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+                narrow = all_y.max() / all_y.min() < 10   # under a decade: more ticks, or only one shows
+                ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if narrow else (1.0, 2.0, 5.0)))
                 ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))   # 0.5, 1, 2 (not 2x10^0)
                 ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(title, fontsize=11)
