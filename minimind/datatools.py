@@ -731,7 +731,13 @@ def mix(sources: list[tuple[str, float]], out_path: str, tokenizer=None, total_t
         raise UsageError("mix: a file is named twice; give each source once with its whole ratio")
     if os.path.abspath(out_path) in paths:
         raise UsageError("--out_path must differ from every source (the sources are read twice)")
-    kinds = [kind or detect_kind(p) for p, _ in sources]
+    try:
+        kinds = [kind or detect_kind(p) for p, _ in sources]
+    except DataError as e:
+        if "cannot tell the format" not in str(e):
+            raise
+        raise DataError(f"{e}; mix reads MiniMind JSONL: bring other formats in with prepare_data.py convert "
+                        f"first") from None
     if len(set(kinds)) > 1:
         detail = ", ".join(f"{p} is {k}" for (p, _), k in zip(sources, kinds))
         raise DataError(f"mix: the sources must be of one kind ({detail}); mix pretrain with pretrain, sft with sft")

@@ -228,7 +228,8 @@ def load_dataset_info(path: str, name: str) -> tuple[str, Spec]:
         with open(path, encoding="utf-8") as f:
             info = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: invalid JSON ({getattr(e, 'msg', e)})") from None
+        raise DataError(f"{path}: invalid JSON ({getattr(e, 'msg', e)}); --dataset_info expects LLaMA-Factory's "
+                        f"dataset_info.json (one JSON object of dataset entries)") from None
     if not isinstance(info, dict):
         raise DataError(f"{path}: expected an object of dataset entries (LLaMA-Factory's dataset_info.json)")
     if name not in info:
@@ -302,7 +303,7 @@ def _text(obj: dict, column: str, role: str, where: str, spec: Spec, required: b
     if column not in obj or obj[column] is None:
         if required:
             keys = ", ".join(list(obj)[:12])
-            raise DataError(f"{where}: no column '{column}' (the {role}, {spec.source or 'default'}); this record "
+            raise DataError(f"{where}: no column '{column}' (the {role}, {spec.source or 'the default'}); this record "
                             f"has: {keys}. Name the right one with --map {role}=COLUMN")
         return ""
     v = obj[column]
@@ -438,7 +439,7 @@ class Converter:
         msgs = obj.get(c["messages"])
         if msgs is None:
             keys = ", ".join(list(obj)[:12])
-            raise DataError(f"{where}: no column '{c['messages']}' (the messages, {s.source or 'default'}); this "
+            raise DataError(f"{where}: no column '{c['messages']}' (the messages, {s.source or 'the default'}); this "
                             f"record has: {keys}. Name it with --map messages=COLUMN")
         if not isinstance(msgs, list):
             raise DataError(f"{where}: column '{c['messages']}' must be a list of turns")

@@ -382,6 +382,8 @@ def test_each_format_trains_directly_with_format_flag(script, fmt, base_model, u
     assert r.returncode == 0, r.stderr[-2000:]
     assert "12 records read, 12 converted, 0 skipped" in r.stdout + r.stderr
     assert (tmp_path / "out" / "metrics.jsonl").is_file()
+    if fmt != "columns":
+        return  # the error path once per script is enough: each run costs seconds
     bad = run_script(script, "--from_weight", base_model, "--data_path", path, "--format", "columns", "--map",
                      "prompt=nope,response=summary", "--out_dir", tmp_path / "bad", *SCRIPTS[script], *TRAIN)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(f"error: {path}:")
