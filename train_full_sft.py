@@ -42,7 +42,8 @@ def main():
     tokenizer = Tokenizer.load(args.from_weight)
     # compile: padded batches (--packing 0) vary in length, so compile for dynamic shapes there
     model = prepare_model(build_model(args, tokenizer.vocab_size).to(rt.device), args, rt, dynamic=not args.packing)
-    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, rt.device)
+    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, rt.device,
+                                    kind=args.optimizer, muon_lr=args.muon_lr)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
 
     # --- data: render each conversation to ids + assistant-only targets, then pack or group them -------------

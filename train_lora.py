@@ -74,7 +74,8 @@ def main():
     if args.base_dtype == "auto" and rt.dtype != torch.float32:
         cast_frozen(model, rt.dtype)  # frozen weights never need fp32: autocast would round them to dtype anyway
     model = prepare_model(model, args, rt, dynamic=not args.packing)
-    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, rt.device)  # sees A/B only
+    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, rt.device,
+                                    kind=args.optimizer, muon_lr=args.muon_lr)  # sees A/B only
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
 
     # --- data: exactly as train_full_sft.py (replies supervised; packed or length-grouped) ------------------

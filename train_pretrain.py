@@ -15,7 +15,7 @@ from minimind.checkpoint import unwrap
 from minimind.data import PackedWindows, Sampler, batches_over, holdout, pretokenize, step_batches
 from minimind.flags import add_common_args
 from minimind.resume import RunState, resume, run_fingerprint
-from minimind.runlog import announce
+from minimind.runlog import announce, packing_note
 from minimind.tokenizer import Tokenizer
 from minimind.train import (RunControl, build_model, configure_optimizer, evaluate, lr_schedule, prepare_model,
                             total_steps, train_step)
@@ -53,7 +53,8 @@ def main():
                    run_fingerprint("pretrain", unwrap(model).config, tokenizer, args, n_train))
     start = resume(run)
     announce(run, f"data {n_train} windows of {args.max_seq_len} tokens (+{n_val} held out) | {steps} steps | "
-             f"{args.batch_size * args.max_seq_len * args.accumulation_steps * rt.world} tokens/step")
+             f"{args.batch_size * args.max_seq_len * args.accumulation_steps * rt.world} tokens/step",
+             packing_note(windows.tokens, tokenizer.eos_id, args.max_seq_len, args.batch_size))
 
     # --- loop -----------------------------------------------------------------------------------------------
     lr_at = lr_schedule(args)

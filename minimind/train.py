@@ -7,20 +7,26 @@ Sections: flags -> model and optimizer -> the step -> faults (NaN, signals) and 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from . import runtime
 from .checkpoint import load_config, load_model, unwrap
 from .config import PRESETS, preset
 from .errors import TrainingError, UsageError
+from .flags import apply_batch_tokens
 from .loss import IGNORE
 from .model import MiniMindForCausalLM
-from .resume import RunState, save_checkpoint, save_final_model
+from .optim import configure_optimizer, lr_at, lr_schedule, time_progress  # noqa: F401 - scripts import them here
+from .resume import RunState, list_checkpoints, save_checkpoint, save_final_model
 from .runlog import RunLog
 from .runtime import Runtime, all_ranks_agree, autocast, cleanup_distributed
 
@@ -74,7 +80,11 @@ def enable_grad_checkpointing(model: torch.nn.Module) -> None:
 def prepare_model(model: torch.nn.Module, args, rt: Runtime, dynamic: bool | None = None):
     """Activation checkpointing -> FSDP sharding -> torch.compile -> DDP, as the flags ask. Build the optimizer
     AFTER this: fully_shard replaces parameters by sharded ones. dynamic: torch.compile's (True when batch
-    shapes vary, e.g. padded SFT batches)."""
+    shapes vary, e.g. padded SFT batches). Also turns --batch_tokens into --batch_size x --accumulation_steps."""
+    if args.fsdp and getattr(args, "optimizer", "adamw") == "muon":
+        raise UsageError("--optimizer muon: not supported with --fsdp 1 (Newton-Schulz needs each whole matrix, "
+                         "FSDP holds shards): use --fsdp 0 (DDP) or --optimizer adamw")
+    apply_batch_tokens(args, rt.world)  # before the scripts build their samplers from args.batch_size
     if args.grad_checkpointing:
         enable_grad_checkpointing(model)
     if args.fsdp and rt.world > 1:
@@ -93,32 +103,6 @@ def prepare_model(model: torch.nn.Module, args, rt: Runtime, dynamic: bool | Non
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank]
                                                           if rt.device.type == "cuda" else None)
     return model
-
-
-def configure_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
-                        betas=(0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: decaying norms' gains and biases only hurts."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel per step updates every parameter (instead of several passes over each tensor): on GPU it
-    # saves launches; on CPU it measured 5.8x faster than foreach for a 24M-parameter AdamW step (dev/LOG.md).
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
-
-
-def lr_at(step: int, total: int, warmup: int, max_lr: float, min_ratio: float = 0.1) -> float:
-    """Linear warm-up, then cosine decay from max_lr to max_lr * min_ratio at the last step."""
-    if step < warmup:
-        return max_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - 1 - warmup)  # the last step (total - 1) lands on the floor
-    return max_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def lr_schedule(args):
-    """The LR of each step under this run's flags: step -> lr (see lr_at)."""
-    return lambda step, total: lr_at(step, total, args.warmup_iters, args.learning_rate, args.min_lr_ratio)
 
 
 def total_steps(steps_per_epoch: int, epochs: int, max_steps: int) -> int:
@@ -164,8 +148,8 @@ def train_step(run: RunState, micro_batches: list, lr: float, loss_fn=lm_loss, p
     poison: testing only (--debug_nan_at_step): make this step's loss NaN.
     """
     model, optimizer, scaler, rt = run.model, run.optimizer, run.scaler, run.rt
-    for g in optimizer.param_groups:
-        g["lr"] = lr
+    for g in optimizer.param_groups:  # lr_scale: Muon's groups run at --muon_lr, on the same schedule
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     n = len(micro_batches)
     total, metrics = 0.0, {}
     for i, batch in enumerate(micro_batches):
@@ -247,6 +231,52 @@ class StopRequest:
         return flag
 
 
+def agreed_max(x: float, world: int) -> float:
+    """The largest x over all ranks (a CPU all-reduce over the control group): every rank then uses one value."""
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=runtime._CONTROL_GROUP)
+    return float(t.item())
+
+
+def saved_time_used(out_dir: str) -> float:
+    """Seconds of --time_budget the newest checkpoint had used (0 for a checkpoint written without a budget)."""
+    found = list_checkpoints(out_dir)
+    if not found:
+        return 0.0
+    with open(os.path.join(found[-1], "trainer_state.json"), encoding="utf-8") as f:
+        return float(json.load(f).get("flags", {}).get("time_used_s") or 0.0)
+
+
+class TimeBudget:
+    """--time_budget's clock. It keeps its numbers on args (time_used_s, step_time_s): lr_schedule reads them
+    there (optim.time_progress), and checkpoints save them with the other scalar flags, so a resumed run goes on
+    with the time that was left (the pause between stop and resume is not counted). Time counts from the loop's
+    start: steps, evaluations and checkpoint saves, not the setup before (tokenizing, building the model)."""
+
+    def __init__(self, args, start: int, world: int):
+        self.args, self.world, self.start = args, world, start
+        self.budget_s = 60.0 * getattr(args, "time_budget", 0.0)
+        if not self.budget_s:
+            return
+        args.time_used_s = saved_time_used(args.out_dir) if start else 0.0
+        args.step_time_s = 0.0
+        self.t0, self.used0 = time.perf_counter(), args.time_used_s
+
+    def tick(self, done: int) -> bool:
+        """After a step (done = steps finished): update the clock. True = the budget is spent, stop now: either
+        the step just run was the one the schedule put on the floor LR (its predicted end passed the budget), or
+        the time really is up."""
+        if not self.budget_s:
+            return False
+        on_floor = time_progress(self.args) >= 1  # the same numbers lr_schedule used for this step
+        used = agreed_max(self.used0 + time.perf_counter() - self.t0, self.world)
+        self.args.time_used_s = used
+        self.args.step_time_s = (used - self.used0) / max(1, done - self.start)  # mean step, evals included
+        return on_floor or used >= self.budget_s
+
+
 class RunControl:
     """What every training loop does besides learning, in one place: the progress bar and metrics (RunLog), a
     metrics line every --log_interval steps, held-out loss every --eval_interval, a checkpoint every
@@ -270,6 +300,7 @@ class RunControl:
         self.stop = StopRequest()                                                       # SIGTERM: save, exit
         self.log = RunLog(run.args, steps, start=start, enabled=run.rt.main, desc=desc)
         self.last_saved, self.stopping, self.tokens = None, False, 0
+        self.clock, self.out_of_time = TimeBudget(run.args, start, self.world), False  # --time_budget
         run.model.train()
 
     def __enter__(self):
@@ -287,7 +318,8 @@ class RunControl:
         """Bookkeeping after optimizer step `step`: log, evaluate and checkpoint when due. True = leave the loop."""
         self.guard.update(step, out.loss, out.grad_norm)   # on the device: no host sync
         self.done, self.tokens = step + 1, self.tokens + out.tokens  # a checkpoint named step_N resumes at step N
-        done, last, args = self.done, self.done == self.steps, self.args
+        self.out_of_time, self.last_lr = self.clock.tick(self.done), out.lr
+        done, last, args = self.done, self.done == self.steps or self.out_of_time, self.args
         self.log.update()
         if step % args.log_interval == 0 or last:  # .item() waits for the GPU: only now and then
             self.check()
@@ -297,10 +329,10 @@ class RunControl:
             self.log.log(step, val_loss=self.validate())
         self.stopping = self.stop.requested(self.world)
         every = args.save_interval
-        if self.stopping or (every and done % every == 0 and done < self.steps):
+        if self.stopping or (every and done % every == 0 and not last):
             self.check()
             self.last_saved = self.save(done)
-        return self.stopping
+        return self.stopping or self.out_of_time
 
     def finish(self) -> None:
         """After the loop: the final save (unless stopped early), then leave the process group."""
@@ -311,6 +343,10 @@ class RunControl:
                 print(f"stopped by {self.stop.signal} after step {self.done}/{self.steps}: saved {self.last_saved}"
                       f"{hint}")
         else:
+            if self.out_of_time and self.run.rt.main:
+                print(f"time budget: {self.args.time_budget:g} min used after step {self.done}/{self.steps} "
+                      f"(last LR {self.last_lr:.3g}, the floor is "
+                      f"{self.args.learning_rate * self.args.min_lr_ratio:.3g})")
             self.check()
             self.final()
             self.log.plot()  # loss curve PNG beside metrics.jsonl (when matplotlib is installed)
