@@ -367,7 +367,9 @@ def test_each_format_trains_via_convert(script, base_model, user_files, tool_tok
 
 
 def _wired(script: str) -> bool:
-    return "--format" in (ROOT / script).read_text() or "add_format_args" in (ROOT / script).read_text()
+    """Has the script the --format flags yet (in its own source, or through the shared flags module)?"""
+    text = (ROOT / script).read_text() + (ROOT / "minimind" / "flags.py").read_text()
+    return "add_format_args" in text or "--format" in text
 
 
 @pytest.mark.parametrize("fmt", ["alpaca", "sharegpt", "columns"])
