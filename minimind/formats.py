@@ -278,8 +278,8 @@ def detect(obj, where: str) -> Spec:
     def is_messages(v, a="role", b="content"):
         return isinstance(v, list) and bool(v) and all(isinstance(m, dict) and a in m and b in m for m in v)
 
-    if "text" in obj and isinstance(obj["text"], str) and len(obj) == 1:
-        return Spec("minimind", source="auto")
+    if isinstance(obj.get("text"), str) and not {"conversations", "messages", "instruction", "prompt"} & set(obj):
+        return Spec("minimind", source="auto")   # pretraining text (extra keys such as "source" are harmless)
     if "prompt" in obj and "chosen" in obj and "rejected" in obj:  # before ours: TRL's lists look like our DPO
         return Spec("alpaca", {"prompt": "prompt"}, ranking=True, source="auto (prompt/chosen/rejected)")
     if is_messages(obj.get("conversations")) or (is_messages(obj.get("chosen")) and is_messages(obj.get("rejected"))):
