@@ -251,3 +251,24 @@ def test_mix_shared_corpora_60_20_20(shared_data, tokenizer, tmp_path):
     for s in r.sources:
         assert abs(s.taken_tokens - s.target) <= biggest / 2 + 1, (s.path, s.taken_tokens, s.target)
     assert abs(total - 60000) <= 1.5 * biggest and abs(r.sources[0].taken_tokens / total - 0.6) < 0.015
+
+
+def test_mix_sft_and_dpo_count_rendered_conversation_tokens(tiny_data, tokenizer, tmp_path):
+    chat = [{"conversations": [{"role": "user", "content": f"问题 {i}？"},
+                               {"role": "assistant", "content": "回答。" * (1 + i % 7)}]} for i in range(200)]
+    other = write_jsonl(tmp_path / "chat.jsonl", chat)
+    lengths = dt.record_lengths(other, "sft", tokenizer)
+    assert lengths.tolist() == [len(tokenizer.render_chat(r["conversations"])[0]) for r in chat]
+    r = dt.mix([(tiny_data["sft"], 0.7), (other, 0.3)], str(tmp_path / "sft_mix.jsonl"), tokenizer,
+               total_tokens=int(lengths.sum()), seed=0)
+    total = sum(s.taken_tokens for s in r.sources)
+    assert r.kind == "sft" and abs(r.sources[1].taken_tokens / total - 0.3) < 0.01
+    pairs = [{"chosen": [{"role": "user", "content": f"{i}?"}, {"role": "assistant", "content": "yes"}],
+              "rejected": [{"role": "user", "content": f"{i}?"}, {"role": "assistant", "content": "no"}]}
+             for i in range(50)]
+    dpo = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    n = dt.record_lengths(dpo, "dpo", tokenizer)
+    assert n[0] == sum(len(tokenizer.render_chat(pairs[0][side], last_reply_only=True)[0])
+                       for side in ("chosen", "rejected"))
+    r = dt.mix([(tiny_data["dpo"], 1), (dpo, 1)], str(tmp_path / "dpo_mix.jsonl"), tokenizer, total_records=60)
+    assert r.kind == "dpo" and [s.taken_records for s in r.sources] == [30, 30]
