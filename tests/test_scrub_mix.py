@@ -145,9 +145,9 @@ def test_scrub_file_replace_drop_and_untouched_lines_byte_for_byte(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: --kinds")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": \n')
-    r = run_script("prepare_data.py", "scrub", "--data_path", bad, "--out_path", tmp_path / "x.jsonl")
-    assert r.returncode == 2 and r.stderr.startswith(f"error: {bad}:2: invalid JSON")
-    assert not (tmp_path / "x.jsonl").exists()
+    with pytest.raises(DataError, match=rf"^{bad}:2: invalid JSON"):   # (cli.run prints it as one line, exit 2)
+        dt.scrub_file(str(bad), str(tmp_path / "x.jsonl"))
+    assert not (tmp_path / "x.jsonl").exists()                              # nothing half-written
 
 
 # ---------------------------------------------------------------------------------------------------------------
