@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from . import formats, scrub
 from .data import DataError, read_jsonl, with_reasoning
@@ -779,11 +780,13 @@ def mix(sources: list[tuple[str, float]], out_path: str, tokenizer=None, total_t
     rng = random.Random(seed)
     streams = [lines(i) for i in range(len(src))]
     left = [s.taken_records for s in src]
-    with atomic_output(out_path) as out:
+    with atomic_output(out_path) as out, tqdm(total=sum(left), desc=f"write {os.path.basename(out_path)}",
+                                              unit=" rec", leave=False, disable=sum(left) < 100_000) as bar:
         while any(left):  # pick the next source with probability proportional to what it still has to give
             i = rng.choices(range(len(left)), weights=left)[0]
             out.write(next(streams[i]))
             left[i] -= 1
+            bar.update()
     return MixResult(kind, unit, total, src)
 
 
