@@ -1,7 +1,8 @@
 """The CUDA paths, on a real GPU: bf16 and fp16+GradScaler steps, FlexAttention packed rows equal to the dense
 mask, CUDA-graph decoding equal to eager, the torch.compile path, fused AdamW, and Muon's bf16 Newton-Schulz.
 
-Marked `gpu` and skipped without CUDA (`pytest -m gpu` selects them; bench/gpu_check.sh runs them first). Every
+Marked `gpu` and skipped without CUDA (`pytest -m gpu` selects them; bench/gpu_check.sh runs them first); the
+last test, unmarked, runs bench/gpu_check.sh itself at its CPU smoke sizes, so CI proves the script works. Every
 comparison is against a reference computed on the same GPU in fp32 (or float64), with the tolerance stated.
 Models are tiny: the whole file should take well under a minute plus torch.compile's first compiles.
 """
@@ -22,8 +23,12 @@ from minimind.resume import RunState
 from minimind.runtime import Runtime
 from minimind.train import prepare_model, train_step
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
+
+
+def on_gpu(test):
+    """Marked `gpu` (pytest -m gpu selects it) and skipped where CUDA is absent."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 def tiny(vocab=256, **kw) -> MiniMindForCausalLM:
@@ -49,6 +54,7 @@ def batch(B=4, T=64, vocab=256, seed=0):
 # ---------------------------------------------------------------------------------------------------------------
 # Mixed precision steps
 # ---------------------------------------------------------------------------------------------------------------
+@on_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mixed_precision_steps_learn_and_track_fp32(dtype):
     """bf16 (no scaler) and fp16 (GradScaler): the first loss is fp32's within 2% (rounding of matmul inputs),
@@ -67,6 +73,7 @@ def test_mixed_precision_steps_learn_and_track_fp32(dtype):
         assert run.optimizer.state_dict()["state"][0]["step"].item() >= 18       # at most 2 steps skipped
 
 
+@on_gpu
 def test_fp16_script_runs_end_to_end(tiny_data, tmp_path):
     """train_pretrain.py --dtype float16 on the GPU: GradScaler, autocast, checkpoint and final save together."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -82,6 +89,7 @@ def test_fp16_script_runs_end_to_end(tiny_data, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # FlexAttention for packed rows
 # ---------------------------------------------------------------------------------------------------------------
+@on_gpu
 @pytest.mark.skipif(flex_attention is None, reason="FlexAttention needs torch >= 2.5")
 def test_flex_attention_packed_rows_equal_the_dense_mask():
     """Packed SFT rows: the FlexAttention BlockMask gives the logits, loss and gradients of the dense (B,1,T,T)
@@ -110,6 +118,7 @@ def test_flex_attention_packed_rows_equal_the_dense_mask():
 # ---------------------------------------------------------------------------------------------------------------
 # Decoding: CUDA graphs
 # ---------------------------------------------------------------------------------------------------------------
+@on_gpu
 def test_cuda_graph_decode_equals_eager():
     """Greedy decoding replayed from captured CUDA graphs gives exactly the tokens of the same fixed-shape step run
     eagerly (static=True: the graph's own maths), and the tokens of the default eager path (which slices the
@@ -130,6 +139,7 @@ def test_cuda_graph_decode_equals_eager():
 # ---------------------------------------------------------------------------------------------------------------
 # torch.compile, fused AdamW, Muon on the GPU
 # ---------------------------------------------------------------------------------------------------------------
+@on_gpu
 def test_compile_path_matches_eager():
     """prepare_model(--use_compile 1) then train_step: the compiled model's losses follow the eager ones (fp32,
     TF32 off; 1e-4 relative over 3 steps: fused kernels round differently)."""
@@ -149,6 +159,7 @@ def test_compile_path_matches_eager():
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
+@on_gpu
 def test_fused_adamw_on_cuda_equals_foreach():
     model = tiny()
     opt = configure_optimizer(model, 1e-3, 0.1, CUDA)
@@ -166,6 +177,7 @@ def test_fused_adamw_on_cuda_equals_foreach():
     assert all(torch.allclose(p, q, atol=1e-6, rtol=0) for p, q in zip(model.parameters(), ref_model.parameters()))
 
 
+@on_gpu
 def test_muon_step_on_cuda_in_bf16_matches_float64():
     """On CUDA Newton-Schulz runs in bf16 (8 mantissa bits): one Muon step stays within 6% (relative, Frobenius)
     of the float64 update (bf16 Newton-Schulz on the CPU measured 2.6-3.0% on these shapes)."""
@@ -180,3 +192,19 @@ def test_muon_step_on_cuda_in_bf16_matches_float64():
     expect = -0.02 * (256 / 96) ** 0.5 * reference_ns(u)
     got = (w.detach().cpu().double() - W0.double())
     assert (got - expect).norm() <= 0.06 * expect.norm()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench/gpu_check.sh itself, at CPU smoke sizes (not marked gpu: it runs everywhere, and the check never runs it)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_gpu_check_script_runs_on_cpu(tmp_path):
+    """The one-command GPU check works end to end on CPU: every step runs (GPU tests skip), one table comes out."""
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--cpu-smoke", "--out", str(tmp_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    table = (tmp_path / "summary.md").read_text()
+    for name in ("tests", "train 26M", "train 64M", "sft packing", "generate"):
+        assert f"| {name} " in table
+    assert "FAILED" not in table and "TIMEOUT" not in table and "tokens/s" in table
