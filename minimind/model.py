@@ -436,7 +436,8 @@ class MiniMindForCausalLM(nn.Module):
                 logits_to_keep: int = 0, doc_ids: torch.Tensor | None = None, mask: AttentionMask | None = None):
         """input_ids (B, T). targets (B, T): the token that should follow each position, -100 = no loss there.
         cache: a KVCache to read past keys from and append to. attention_mask (B, cache+T): 1 real, 0 padding.
-        logits_to_keep: return logits for only the last N positions (generation needs only the last).
+        logits_to_keep: return logits for only the last N positions (generation needs only the last), or for the
+        positions in a 1-D index tensor (RL scores only the reply tokens of packed rollouts).
         doc_ids (B, T): packed rows, document id per token: attention stays inside each document and positions
         restart per document. mask: an AttentionMask built already (e.g. shared by teacher and student); pass
         position_ids with it.
@@ -467,7 +468,9 @@ class MiniMindForCausalLM(nn.Module):
             if aux_loss is not None and self.training:  # MoE: keep the router's load balanced
                 loss = loss + self.config.router_aux_loss_coef * aux_loss
             return loss
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):  # positions to score (as in transformers), e.g. RL replies
+            x = x[:, logits_to_keep]
+        elif logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(x)
 

@@ -1,0 +1,213 @@
+"""RL: rewards, group advantages, the GRPO/CISPO loss against a float64 hand computation, packed rollouts, the
+script end to end (with exact resume), and a tiny model that GRPO measurably teaches addition."""
+import copy
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from conftest import run_script
+from minimind.config import ModelConfig
+from minimind.data import Example, pad_batch, sft_example
+from minimind.errors import DataError, UsageError
+from minimind.loss import IGNORE, token_logprobs
+from minimind.model import MiniMindForCausalLM
+from minimind.rewards import (correctness, format_ok, gt_hits, load_reward_fn, parse_number, repetition, score,
+                              tool_validity)
+from minimind.rl import (Prompt, group_advantages, heldout_reward, load_prompts, pack_rollouts, policy_loss,
+                         reply_logprobs, rollout)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rewards
+# ---------------------------------------------------------------------------------------------------------------
+def test_numbers_are_parsed_robustly():
+    assert parse_number("so 3 + 4 = 7") == 7
+    assert parse_number("The answer is 1,234.") == 1234
+    assert parse_number("... #### -12") == -12
+    assert parse_number("first 5, then \\boxed{3/4} and 9") == 0.75
+    assert parse_number("x2 v1.2.3 nothing") is None
+    assert correctness("<think>maybe 5</think> it is 42.0", "Natalia sold ... #### 42") == 1.0
+    assert correctness("<think>42</think> it is 41", "42") == 0.0     # the thought does not count
+    assert correctness(" Paris. ", "paris") == 1.0 and correctness("Lyon", "paris") == 0.0
+    assert gt_hits("the rate is 7.21 and it is sunny", [7.21, "sunny", "rain"]) == pytest.approx(2 / 3)
+
+
+def test_format_tools_and_repetition():
+    assert format_ok("<think>a</think>b") and format_ok("plain") and format_ok("a</think>b", think_opened=True)
+    assert not format_ok("<think>a") and not format_ok("<think>a</think><think>b</think>")
+    assert not format_ok("<tool_call><tool_call>{}</tool_call>") and not format_ok("b <think>a</think>")
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
+    good = '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>'
+    bad = '<tool_call>{"name": "nope", "arguments": {}}</tool_call><tool_call>{oops</tool_call>'
+    assert tool_validity(good, tools) == 1.0 and tool_validity(bad, tools) == 0.0
+    assert tool_validity(good + bad, json.dumps(tools)) == pytest.approx(1 / 3)
+    assert tool_validity("no call", tools) is None
+    assert repetition("one two three four five") == 0.0 and repetition("go go go go go go go") > 0.7
+    r_ok, parts = score("it is 7", {"reference": "7"})
+    r_loop, _ = score("7 7 7 7 7 7 7 7", {"reference": "7"})
+    r_open, _ = score("<think>7", {"reference": "7"})
+    assert parts["correct"] == 1.0 and r_ok == 1.0 and r_loop < r_ok and r_open < r_ok
+
+
+def test_user_reward_function(tmp_path):
+    f = tmp_path / "my_reward.py"
+    f.write_text("def short(messages, reply, record):\n    return -len(reply) / 10\n")
+    fn = load_reward_fn(f"{f}:short")
+    r, parts = score("abcd", {"messages": [], "record": {}}, user_fn=fn)
+    assert parts["user"] == pytest.approx(-0.4) and r == pytest.approx(-0.4)
+    with pytest.raises(UsageError, match="no function"):
+        load_reward_fn(f"{f}:missing")
+    with pytest.raises(UsageError, match="module:function"):
+        load_reward_fn("my_reward")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Advantages and the loss, against float64 by hand
+# ---------------------------------------------------------------------------------------------------------------
+def test_group_advantages():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0], dtype=torch.float64)
+    a = group_advantages(r, 4)
+    assert torch.allclose(a[:4], torch.tensor([.5, -.5, -.5, .5], dtype=torch.float64) / (0.5 + 1e-4))
+    assert torch.all(a[4:] == 0)                                  # a group that all agrees: no signal
+    assert torch.allclose(group_advantages(r, 4, scale=False)[:4], torch.tensor([.5, -.5, -.5, .5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "cispo"])
+def test_policy_loss_matches_hand_computation(loss_type):
+    torch.manual_seed(0)
+    K, eps, eps_high, beta = 7, 0.2, 1.3, 0.05
+    logp = (torch.rand(K, dtype=torch.float64) * -3).requires_grad_()
+    old = logp.detach() + torch.tensor([0.0, 0.5, -0.5, 0.1, -0.1, 1.0, -1.0], dtype=torch.float64)
+    ref = logp.detach() + torch.randn(K, dtype=torch.float64) * 0.3
+    adv = torch.tensor([1.0, -1.0, 2.0, -0.5, 0.5, 1.5, -2.0], dtype=torch.float64)
+    loss, metrics = policy_loss(logp, old, adv, ref, loss_type, eps, eps_high, beta, num_tokens=10)
+    loss.backward()
+    want, grad = 0.0, []
+    for t in range(K):
+        lp, o, rf, A = logp[t].item(), old[t].item(), ref[t].item(), adv[t].item()
+        ratio = math.exp(lp - o)
+        kl = math.exp(rf - lp) - (rf - lp) - 1
+        dkl = -math.exp(rf - lp) + 1                                    # d kl / d logp
+        if loss_type == "grpo":
+            clipped = min(max(ratio, 1 - eps), 1 + eps)
+            surrogate = min(ratio * A, clipped * A)
+            dsur = ratio * A if ratio * A <= clipped * A else 0.0       # the clipped branch has no gradient
+        else:
+            w = min(ratio, eps_high)
+            surrogate, dsur = w * A * lp, w * A
+        want += (-surrogate + beta * kl) / 10
+        grad.append((-dsur + beta * dkl) / 10)
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+    assert torch.allclose(logp.grad, torch.tensor(grad, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+    assert metrics["kl"].item() == pytest.approx(sum(math.exp(r - l) - (r - l) - 1 for r, l in
+                                                     zip(ref.tolist(), logp.tolist())) / K)
+
+
+def test_packed_rollouts_score_like_separate_sequences():
+    torch.manual_seed(0)
+    m = MiniMindForCausalLM(ModelConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2))
+    P, R = [[1, 5, 6, 7], [1, 8], [1, 9, 9, 9, 9, 3]], [[4, 2], [3, 3, 3], [7]]
+    x, y, doc, adv = pack_rollouts(P, R, torch.tensor([1.0, 2.0, 3.0]))
+    assert x.shape == (1, sum(len(p) + len(r) - 1 for p, r in zip(P, R)))   # one row, no padding
+    assert adv.tolist() == [1, 1, 2, 2, 2, 3]
+    lp = reply_logprobs(m, x, y, doc)
+    alone = []
+    for p, r in zip(P, R):
+        logits = m(torch.tensor([p + r]))[:, :-1]
+        alone.append(token_logprobs(logits, torch.tensor([[IGNORE] * (len(p) - 1) + r]))[0][len(p) - 1:])
+    assert torch.allclose(lp, torch.cat(alone), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading RL files
+# ---------------------------------------------------------------------------------------------------------------
+def test_load_prompts_formats(tmp_path, tokenizer):
+    f = tmp_path / "rl.jsonl"
+    tools = [{"type": "function", "function": {"name": "calc", "parameters": {}}}]
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"prompt": "2+2=", "answer": "4"},
+        {"question": "Natalia ...?", "answer": "She sold 48/2 = 24 ... #### 72"},
+        {"conversations": [{"role": "system", "content": "", "tools": json.dumps(tools)},
+                           {"role": "user", "content": "汇率?"}, {"role": "assistant", "content": ""}], "gt": ["7.21"]},
+    ]) + "\n")
+    prompts, dropped = load_prompts(str(f), tokenizer, 512)
+    assert dropped == 0 and [p.reference for p in prompts] == ["4", "#### 72".join(["She sold 48/2 = 24 ... ", ""]), None]
+    assert prompts[2].gt == ["7.21"] and prompts[2].tools[0]["function"]["name"] == "calc"
+    assert tokenizer.decode(prompts[0].ids).endswith("<|im_start|>assistant\n")
+    rlaif = tmp_path / "rlaif.jsonl"
+    rlaif.write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"},
+                                                   {"role": "assistant", "content": "hello"}]}) + "\n")
+    with pytest.raises(DataError, match=r"rlaif.jsonl:1: .*--reward module:function"):
+        load_prompts(str(rlaif), tokenizer, 512)
+    assert len(load_prompts(str(rlaif), tokenizer, 512, need_reference=False)[0]) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "1"}\n{"text": "no prompt"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: expected 'prompt'"):
+        load_prompts(str(bad), tokenizer, 512)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RL learns: a tiny model, briefly SFT'd on noisy addition, then GRPO; held-out prompts vs a no-RL control
+# ---------------------------------------------------------------------------------------------------------------
+def test_grpo_raises_heldout_reward(tokenizer):
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    problems = [(a, b) for a in range(10) for b in range(10)]
+    rng.shuffle(problems)
+    train, held = problems[:80], problems[80:]            # 20 prompts never seen in SFT or RL
+
+    def ask(a, b):
+        return [{"role": "user", "content": f"{a}+{b}="}]
+
+    # SFT: half the answers are right, half a random number, so the model starts knowing a little.
+    examples = []
+    for _ in range(20):
+        for a, b in train:
+            ans = a + b if rng.random() > 0.5 else rng.randrange(19)
+            examples.append(Example(*sft_example(tokenizer, ask(a, b) + [{"role": "assistant", "content": str(ans)}],
+                                                 64)))
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+    model = MiniMindForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(600):
+        x, y = pad_batch(rng.sample(examples, 32), tokenizer.pad_id)
+        loss = model(x, targets=y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    control = copy.deepcopy(model)                         # the same model, no RL
+
+    def prompts(pairs):
+        return [Prompt(tokenizer.render_chat(ask(a, b), add_generation_prompt=True)[0], ask(a, b), str(a + b),
+                       None, None, False, {}) for a, b in pairs]
+    train_p, held_p = prompts(train), prompts(held)
+    reward_of = lambda text, p: score(text, vars(p))      # noqa: E731
+
+    # GRPO: 40 steps x 8 prompts x 8 replies, on-policy, the objective train_grpo.py uses.
+    G = 8
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for step in range(40):
+        batch = rng.sample(train_p, 8)
+        ro = rollout(model, tokenizer, [p.ids for p in batch], G, 4, 1.0,
+                     seeds=list(range(step * 1000, step * 1000 + len(batch) * G)))
+        rewards = torch.tensor([reward_of(t, batch[i // G])[0] for i, t in enumerate(ro.texts)])
+        x, y, doc, adv = pack_rollouts(ro.prompt_ids, ro.reply_ids, group_advantages(rewards, G))
+        model.train()
+        logp = reply_logprobs(model, x, y, doc)
+        loss, _ = policy_loss(logp, logp.detach(), adv, loss_type="grpo")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    # Held-out reward: 16 sampled replies (temperature 1) to each of the 20 unseen prompts, same seeds for both.
+    def heldout(m):
+        return heldout_reward(m, tokenizer, held_p, reward_of, 4, temperature=1.0, samples=16, seed=123)[1]
+    rl_acc, control_acc = heldout(model), heldout(control)
+    print(f"held-out accuracy: GRPO {rl_acc:.3f}, no-RL control {control_acc:.3f}")
+    assert control_acc > 0.02                             # SFT gave the model something to build on
+    assert rl_acc >= control_acc + 0.08 and rl_acc >= 1.5 * control_acc, (rl_acc, control_acc)
