@@ -2,8 +2,10 @@
 
 Formats (one JSON object per line):
   pretrain  {"text": str}
-  sft       {"conversations": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  sft       {"conversations": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}
   dpo       {"chosen": [messages...], "rejected": [messages...]}
+Messages may carry MiniMind-3's fields: `tools` (system turn), `tool_calls` and `reasoning_content` (assistant
+turns); tokenizer.check_chat says what is accepted, docs/en/thinking_tools.md how they are rendered.
 
 Every batch is addressed by (epoch, step): the same (epoch, step) always gives the same batch, on any rank.
 That makes exact resume a matter of remembering two integers, and DDP sharding a matter of arithmetic.
@@ -259,6 +261,9 @@ def _numbered(path: str, kind: str, reader=None):
     not be lines of the file)."""
     if reader is None:
         for lineno, _, rec in read_jsonl(path, kind, progress=False, with_lines=True):
+            yield f"{path}:{lineno}", rec
+    elif getattr(reader, "yields_lines", False):   # e.g. formats.make_reader: converted records keep their line
+        for lineno, rec in reader(path, kind, progress=False, with_lines=True):
             yield f"{path}:{lineno}", rec
     else:
         for k, rec in enumerate(reader(path, kind, progress=False), 1):
