@@ -14,7 +14,9 @@ Two ideas a reader can take away from this file:
 """
 from __future__ import annotations
 
+import functools
 import math
+import time
 
 import torch
 
@@ -66,16 +68,19 @@ class MuonWithAdamW(torch.optim.Optimizer):
     muon=False (embeddings, head, norms, biases): AdamW, written out as torch.optim.AdamW does it.
 
     The sqrt(max(1, rows/cols)) factor (Keller Jordan's) keeps the update's RMS per element alike for tall and wide
-    matrices. Newton-Schulz runs in bf16 on CUDA (as in Keller Jordan's code: tensor cores, and the iteration
-    tolerates it) and in fp32 elsewhere. All state (Muon's momentum, AdamW's moments and step count) lives in
-    self.state, so state_dict() / load_state_dict() carry it through a checkpoint like any torch optimizer.
+    matrices. ns_dtype: the precision of Newton-Schulz (None = fp32). bf16 is what Keller Jordan's code uses: the
+    iteration tolerates it (~3% from the float64 result, tests/test_optim.py), and its matrix products are the
+    cost of Muon: O(rows^2 cols) per matrix per step, whatever the batch. All state (Muon's momentum, AdamW's
+    moments and step count) lives in self.state, so state_dict() / load_state_dict() carry it through a
+    checkpoint like any torch optimizer.
     """
 
     def __init__(self, groups: list[dict], lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8,
-                 momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
+                 momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5, ns_dtype=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, momentum=momentum, nesterov=nesterov,
                         ns_steps=ns_steps, muon=False)
         super().__init__(groups, defaults)
+        self.ns_dtype = ns_dtype or torch.float32
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -100,8 +105,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         m = state["momentum_buffer"]
         m.lerp_(g, 1 - beta)                                  # M = beta M + (1 - beta) g
         u = g.lerp(m, beta) if group["nesterov"] else m       # beta M + (1 - beta) g: the look-ahead
-        ns_dtype = torch.bfloat16 if p.is_cuda else torch.float32
-        o = newton_schulz(u.to(ns_dtype), group["ns_steps"]).to(p.dtype)
+        o = newton_schulz(u.to(self.ns_dtype), group["ns_steps"]).to(p.dtype)
         scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
         p.mul_(1 - group["lr"] * group["weight_decay"])      # decoupled weight decay, as AdamW's
         p.add_(o, alpha=-group["lr"] * scale)
@@ -121,6 +125,27 @@ class MuonWithAdamW(torch.optim.Optimizer):
         v.mul_(b2).addcmul_(g, g, value=1 - b2)               # second moment: mean of squared gradients
         denom = (v / (1 - b2 ** t)).sqrt_().add_(group["eps"])  # bias-corrected RMS of the gradient
         p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+
+
+@functools.lru_cache(maxsize=None)
+def fast_bf16(device_type: str) -> bool:
+    """Are bf16 matrix products faster than fp32 here? Always on CUDA (tensor cores). On a CPU it depends on the
+    chip (native bf16 instructions or not), so it is measured once: a 512x512 product in each precision. On this
+    project's CPU (avx512_bf16) Newton-Schulz of a 512x1408 matrix took 11 ms in bf16 and 59 ms in fp32."""
+    if device_type == "cuda":
+        return True
+    if device_type != "cpu":
+        return False
+    a = torch.randn(512, 512)
+    times = {}
+    for dt in (torch.float32, torch.bfloat16):
+        x = a.to(dt)
+        x @ x                                          # warm-up (kernel selection)
+        t = time.perf_counter()
+        for _ in range(3):
+            x @ x
+        times[dt] = time.perf_counter() - t
+    return times[torch.bfloat16] < times[torch.float32]
 
 
 def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
@@ -159,7 +184,8 @@ def configure_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, 
     groups = [{"params": hidden, "muon": True, "weight_decay": weight_decay, "lr_scale": muon_lr / lr},
               {"params": [p for _, p in other if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
               {"params": [p for _, p in other if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
-    return MuonWithAdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+    ns_dtype = torch.bfloat16 if fast_bf16(device.type) else torch.float32
+    return MuonWithAdamW([g for g in groups if g["params"]], lr=lr, betas=betas, ns_dtype=ns_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
