@@ -19,6 +19,7 @@ from minimind.checkpoint import load_model, unwrap
 from minimind.data import (PackedWindows, Sampler, batches_over, holdout, load_sft, pretokenize,
                            sft_batches, split_validation, step_batches)
 from minimind.flags import add_common_args, add_conversation_args
+from minimind.formats import record_reader
 from minimind.loss import distill_loss
 from minimind.model import AttentionMask, document_positions
 from minimind.resume import RunState, resume, run_fingerprint
@@ -84,7 +85,8 @@ def main():
 
     # --- data: conversations (packed, assistant tokens supervised) or plain-text windows --------------------
     if args.data_kind == "sft":
-        examples, dropped = load_sft(args.data_path, tokenizer, args.max_seq_len, args.reasoning)
+        examples, dropped = load_sft(args.data_path, tokenizer, args.max_seq_len, args.reasoning,
+                                     reader=record_reader(args, "sft"))
         n_val = holdout(len(examples), args.val_ratio, args.eval_interval > 0)
         examples, val_batches = split_validation(examples, n_val, args.batch_size, args.eval_iters,
                                                  tokenizer.pad_id)

@@ -14,6 +14,7 @@ from minimind import cli, runtime
 from minimind.checkpoint import load_model, unwrap
 from minimind.data import Sampler, batches_over, holdout, load_dpo, pad_batch, step_batches
 from minimind.flags import add_common_args, add_conversation_args
+from minimind.formats import record_reader
 from minimind.loss import dpo_loss, token_logprobs
 from minimind.resume import RunState, resume, run_fingerprint
 from minimind.runlog import announce
@@ -84,6 +85,7 @@ def main():
                         "memory and a forward per step); 0 = score each batch on the fly, no grad")
     add_conversation_args(p, packing=False)  # --reasoning
     args = p.parse_args()
+    reader = record_reader(args, "dpo")  # alpaca / sharegpt / columns records -> ours, as they are read
 
     # --- setup: device, precision, ranks (torchrun), threads, seeds -----------------------------------------
     rt = runtime.start(args.device, args.dtype, args.num_threads, args.seed)
@@ -100,7 +102,7 @@ def main():
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
 
     # --- data: each batch is [chosen rows; rejected rows], so one forward scores both -----------------------
-    pairs, dropped = load_dpo(args.data_path, tokenizer, args.max_seq_len, args.reasoning)
+    pairs, dropped = load_dpo(args.data_path, tokenizer, args.max_seq_len, args.reasoning, reader=reader)
     ref_cache = None
     if args.precompute_ref:  # score everything once, then drop the reference model
         ref_cache = reference_logprobs(reference, pairs, 2 * args.batch_size, tokenizer.pad_id, rt.device, rt.dtype)

@@ -13,6 +13,7 @@ from minimind import cli, runtime
 from minimind.checkpoint import unwrap
 from minimind.data import Sampler, holdout, load_sft, sft_batches, split_validation, step_batches
 from minimind.flags import add_common_args, add_conversation_args
+from minimind.formats import record_reader
 from minimind.resume import RunState, resume, run_fingerprint
 from minimind.runlog import announce
 from minimind.tokenizer import Tokenizer
@@ -32,6 +33,7 @@ def main():
                     epochs=2, batch_size=16, learning_rate=1e-4, max_seq_len=512)
     add_conversation_args(p)  # --packing, --reasoning
     args = p.parse_args()
+    reader = record_reader(args, "sft")  # alpaca / sharegpt / columns records -> ours, as they are read
 
     # --- setup: device, precision, ranks (torchrun), threads, seeds -----------------------------------------
     rt = runtime.start(args.device, args.dtype, args.num_threads, args.seed)
@@ -47,7 +49,7 @@ def main():
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
 
     # --- data: render each conversation to ids + assistant-only targets, then pack or group them -------------
-    examples, dropped = load_sft(args.data_path, tokenizer, args.max_seq_len, args.reasoning)
+    examples, dropped = load_sft(args.data_path, tokenizer, args.max_seq_len, args.reasoning, reader=reader)
     n_val = holdout(len(examples), args.val_ratio, args.eval_interval > 0)  # --eval_interval: the last ones
     examples, val_batches = split_validation(examples, n_val, args.batch_size, args.eval_iters, tokenizer.pad_id)
     # packed: fixed windows of max_seq_len, the Sampler shuffles windows; else groups of similar length

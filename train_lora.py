@@ -17,6 +17,7 @@ from minimind import cli, runtime
 from minimind.checkpoint import unwrap
 from minimind.data import Sampler, holdout, load_sft, sft_batches, split_validation, step_batches
 from minimind.flags import add_common_args, add_conversation_args
+from minimind.formats import record_reader
 from minimind.lora import DEFAULT_TARGETS, cast_frozen, inject_lora, merge_to_dir, save_adapter, trainable_parameters
 from minimind.resume import RunState
 from minimind.runlog import announce
@@ -44,6 +45,7 @@ def main():
                    help="1 = do not train: merge --lora_path into --from_weight and write a full model to --out_dir")
     g.add_argument("--lora_path", default=None, help="adapter directory to merge (with --merge 1)")
     args = p.parse_args()
+    reader = record_reader(args, "sft")  # alpaca / sharegpt / columns records -> ours, as they are read
     if args.from_weight == "none":
         raise cli.UsageError("--from_weight: LoRA adapts a trained model directory (e.g. out/sft)")
 
@@ -79,7 +81,7 @@ def main():
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
 
     # --- data: exactly as train_full_sft.py (replies supervised; packed or length-grouped) ------------------
-    examples, dropped = load_sft(args.data_path, tokenizer, args.max_seq_len, args.reasoning)
+    examples, dropped = load_sft(args.data_path, tokenizer, args.max_seq_len, args.reasoning, reader=reader)
     examples, val_batches = split_validation(examples, holdout(len(examples), args.val_ratio, args.eval_interval > 0),
                                              args.batch_size, args.eval_iters, tokenizer.pad_id)
     data, per_batch = sft_batches(examples, args.packing, args.batch_size, args.max_seq_len, tokenizer.pad_id)

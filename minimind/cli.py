@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from tqdm import tqdm
+
 from .errors import MiniMindError, UsageError
 
 __all__ = ["run", "UsageError"]  # UsageError: scripts raise cli.UsageError for a bad flag
@@ -13,7 +15,11 @@ def run(main) -> None:
     try:
         main()
     except MiniMindError as e:
-        sys.stderr.flush()
+        bars = list(getattr(tqdm, "_instances", ()))
+        for bar in bars:  # a progress bar cut short must not share the error's line
+            bar.close()
+        if bars and not sys.stderr.isatty():
+            print(file=sys.stderr)  # a log file keeps the bar's carriage returns: start a fresh line
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ import math
 
 from .config import PRESETS
 from .data import REASONING
+from .formats import add_format_args
 from .errors import UsageError
 from .optim import OPTIMIZERS, SCHEDULES
 from .runtime import DTYPES
@@ -124,7 +125,9 @@ def apply_batch_tokens(args, world: int) -> None:
 
 
 def add_conversation_args(p: argparse.ArgumentParser, packing: bool = True) -> None:
-    """How conversations become training rows: SFT, LoRA and distillation (packing too), DPO (reasoning only)."""
+    """How conversations become training rows: SFT, LoRA and distillation (packing too), DPO (reasoning only);
+    and which shape the file has (--format alpaca|sharegpt|columns|..., formats.py)."""
+    add_format_args(p)
     g = p.add_argument_group("conversations")
     if packing:
         g.add_argument("--packing", type=int, default=1, choices=[0, 1],

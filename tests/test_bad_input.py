@@ -55,7 +55,7 @@ def test_empty_sft_file(tmp_path, capsys, monkeypatch, model_dir):
     data.write_text("\n")
     err = call("train_full_sft.py", ["--from_weight", model_dir, "--data_path", data, "--out_dir", tmp_path / "o"],
                capsys, monkeypatch)
-    assert f"{data}: no records" in err
+    assert err.startswith(f"error: {data}: ") and "no records" in err
     assert not (tmp_path / "o").exists()
 
 
