@@ -12,6 +12,7 @@
 #   train 64M    the same at 64M (issue 3's target: >= 1.0M tokens/s, >= 52% MFU on an H100)
 #   sft packing  bench/sft_packing.py: packed vs pad-to-max real tokens/s (64M, FlexAttention)
 #   generate     bench/generate_throughput.py: new tokens/s at batch 1 and 16 (CUDA graphs; then + compile)
+#   grpo memory  bench/grpo_memory.py: one GRPO step's peak memory and rollout tokens/s, packed vs padded
 # Exit status: 0 when every step passed, 1 otherwise. Without a GPU (and without --cpu-smoke) it says so and runs
 # the smoke sizes, so it never reports GPU figures it did not measure.
 set -uo pipefail
@@ -58,14 +59,16 @@ if [ "$SMOKE" = 1 ]; then   # tiny shapes: minutes of GPU work become seconds of
     SFT="--device cpu --n 100 --max_seq_len 128 --batch_size 4 --steps 1"
     GEN="--device cpu --hidden_size 64 --num_hidden_layers 2 --new_tokens 8 --batch_sizes 1 2 --repeats 1 --no_reference --threads 1"
     GEN2="$GEN --no_int8"
-    T_TESTS=60; T_TRAIN=60; T_SFT=60; T_GEN=60
+    GRPO=""
+    T_TESTS=60; T_TRAIN=60; T_SFT=60; T_GEN=60; T_GRPO=60
 else
     TRAIN_26="--device cuda --preset 26M --batch_size 64 --max_seq_len 340 --use_compile 1 --warmup 5 --steps 10 --rounds 3"
     TRAIN_64="--device cuda --preset 64M --batch_size 32 --max_seq_len 340 --use_compile 1 --warmup 5 --steps 10 --rounds 3"
     SFT="--device cuda --preset 64M --steps 10"
     GEN="--device cuda --hidden_size 768 --new_tokens 512 --batch_sizes 1 16"
     GEN2="$GEN --use_compile"
-    T_TESTS=150; T_TRAIN=80; T_SFT=70; T_GEN=45      # worst case 470 s: the whole check stays under 8 minutes
+    GRPO="--device cuda --hidden_size 768 --num_hidden_layers 8 --max_gen_len 1024 --variants ours,padded"
+    T_TESTS=120; T_TRAIN=70; T_SFT=70; T_GEN=45; T_GRPO=60   # worst case 480 s: the check stays within 8 minutes
 fi
 
 NAMES=(); STATUS=(); SECS=(); HEAD=()
@@ -80,9 +83,9 @@ step() {  # step NAME TIMEOUT HEADLINE_FN CMD...
     if [ $rc = 0 ]; then STATUS+=("ok"); elif [ $rc = 124 ]; then STATUS+=("TIMEOUT ${limit}s"); else STATUS+=("FAILED ($rc)"); fi
     HEAD+=("$($headline "$log")")
 }
-gpu_step() {  # a step that, at smoke sizes, would only repeat the one before it: skipped there
+gpu_step() {  # a step that, at smoke sizes, would repeat the one before it or take minutes: skipped there
     if [ "$SMOKE" = 1 ]; then
-        NAMES+=("$1"); STATUS+=("smoke: skip"); SECS+=(0); HEAD+=("at smoke sizes: the step before, again")
+        NAMES+=("$1"); STATUS+=("smoke: skip"); SECS+=(0); HEAD+=("GPU sizes only (at smoke sizes it repeats a step before, or takes minutes)")
     else
         step "$@"
     fi
@@ -91,6 +94,7 @@ gpu_step() {  # a step that, at smoke sizes, would only repeat the one before it
 h_tests() { grep -E "passed|failed|skipped|error" "$1" | tail -n 1; }
 h_train() { awk '$1 == "base" { printf "%s tokens/s, MFU %s, peak %s %s", $2, $6, $7, $8 }' "$1"; }
 h_sft() { awk '$1 == "packed" { printf "packed %s real tok/s = %s pad-to-max", $6, $7 }' "$1"; }
+h_grpo() { awk '$1 == "ours" || $1 == "padded" { printf "%s%s peak %s MB, %s rollout tok/s", sep, $1, $6, $7; sep = "; " }' "$1"; }
 h_gen() { awk '$1 == "cuda" || $1 == "cpu" { printf "%s%s bs%s %s tok/s", sep, $2, $3, $5; sep = "; " }' "$1"; }
 
 step "tests"        "$T_TESTS" h_tests "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
@@ -99,6 +103,7 @@ gpu_step "train 64M" "$T_TRAIN" h_train "$PY" bench/train_throughput.py --data_p
 step "sft packing"  "$T_SFT"   h_sft   "$PY" bench/sft_packing.py --data_path "$DATA/sft.jsonl" $SFT
 step "generate"     "$T_GEN"   h_gen   "$PY" bench/generate_throughput.py $GEN
 gpu_step "generate+compile" "$T_GEN" h_gen "$PY" bench/generate_throughput.py $GEN2
+gpu_step "grpo memory"  "$T_GRPO"  h_grpo  "$PY" bench/grpo_memory.py $GRPO   # ~1 min on 2 CPU cores: GPU only
 
 {
     echo
