@@ -85,7 +85,6 @@ def main():
                         "memory and a forward per step); 0 = score each batch on the fly, no grad")
     add_conversation_args(p, packing=False)  # --reasoning
     args = p.parse_args()
-    reader = record_reader(args, "dpo")  # alpaca / sharegpt / columns records -> ours, as they are read
 
     # --- setup: device, precision, ranks (torchrun), threads, seeds -----------------------------------------
     rt = runtime.start(args.device, args.dtype, args.num_threads, args.seed)
@@ -102,6 +101,7 @@ def main():
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
 
     # --- data: each batch is [chosen rows; rejected rows], so one forward scores both -----------------------
+    reader = record_reader(args, "dpo")  # --format: prompt/chosen/rejected strings, sharegpt pairs -> ours
     pairs, dropped = load_dpo(args.data_path, tokenizer, args.max_seq_len, args.reasoning, reader=reader)
     ref_cache = None
     if args.precompute_ref:  # score everything once, then drop the reference model

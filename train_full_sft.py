@@ -33,7 +33,6 @@ def main():
                     epochs=2, batch_size=16, learning_rate=1e-4, max_seq_len=512)
     add_conversation_args(p)  # --packing, --reasoning
     args = p.parse_args()
-    reader = record_reader(args, "sft")  # alpaca / sharegpt / columns records -> ours, as they are read
 
     # --- setup: device, precision, ranks (torchrun), threads, seeds -----------------------------------------
     rt = runtime.start(args.device, args.dtype, args.num_threads, args.seed)
@@ -49,6 +48,7 @@ def main():
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
 
     # --- data: render each conversation to ids + assistant-only targets, then pack or group them -------------
+    reader = record_reader(args, "sft")  # --format alpaca / sharegpt / columns: records -> ours as they are read
     examples, dropped = load_sft(args.data_path, tokenizer, args.max_seq_len, args.reasoning, reader=reader)
     n_val = holdout(len(examples), args.val_ratio, args.eval_interval > 0)  # --eval_interval: the last ones
     examples, val_batches = split_validation(examples, n_val, args.batch_size, args.eval_iters, tokenizer.pad_id)

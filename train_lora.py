@@ -45,7 +45,6 @@ def main():
                    help="1 = do not train: merge --lora_path into --from_weight and write a full model to --out_dir")
     g.add_argument("--lora_path", default=None, help="adapter directory to merge (with --merge 1)")
     args = p.parse_args()
-    reader = record_reader(args, "sft")  # alpaca / sharegpt / columns records -> ours, as they are read
     if args.from_weight == "none":
         raise cli.UsageError("--from_weight: LoRA adapts a trained model directory (e.g. out/sft)")
 
@@ -81,6 +80,7 @@ def main():
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
 
     # --- data: exactly as train_full_sft.py (replies supervised; packed or length-grouped) ------------------
+    reader = record_reader(args, "sft")  # --format alpaca / sharegpt / columns: records -> ours as they are read
     examples, dropped = load_sft(args.data_path, tokenizer, args.max_seq_len, args.reasoning, reader=reader)
     examples, val_batches = split_validation(examples, holdout(len(examples), args.val_ratio, args.eval_interval > 0),
                                              args.batch_size, args.eval_iters, tokenizer.pad_id)

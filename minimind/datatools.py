@@ -28,6 +28,7 @@ from tqdm import tqdm
 from . import formats, scrub
 from .data import DataError, read_jsonl, with_reasoning
 from .errors import UsageError
+from .jsonio import json_lines
 
 KINDS = ("pretrain", "sft", "dpo")
 
@@ -37,25 +38,16 @@ KINDS = ("pretrain", "sft", "dpo")
 # ---------------------------------------------------------------------------------------------------------------
 def detect_kind(path: str) -> str:
     """pretrain / sft / dpo from the keys of the first non-blank line."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({getattr(e, 'msg', e)})") from None
-            if isinstance(obj, dict):
-                if "conversations" in obj:
-                    return "sft"
-                if "chosen" in obj or "rejected" in obj:
-                    return "dpo"
-                if "text" in obj:
-                    return "pretrain"
-            raise DataError(f"{path}:{lineno}: cannot tell the format: expected a 'text' (pretrain), "
-                            f"'conversations' (sft) or 'chosen'/'rejected' (dpo) key; or pass --kind")
+    for lineno, _, obj in json_lines(path):
+        if isinstance(obj, dict):
+            if "conversations" in obj:
+                return "sft"
+            if "chosen" in obj or "rejected" in obj:
+                return "dpo"
+            if "text" in obj:
+                return "pretrain"
+        raise DataError(f"{path}:{lineno}: cannot tell the format: expected a 'text' (pretrain), "
+                        f"'conversations' (sft) or 'chosen'/'rejected' (dpo) key; or pass --kind")
     raise DataError(f"{path}: the file has no records")
 
 

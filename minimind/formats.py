@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from .data import validate
 from .errors import DataError, UsageError
+from .jsonio import json_lines, read_json_object
 
 FORMATS = ("auto", "minimind", "alpaca", "sharegpt", "columns")
 
@@ -95,16 +96,9 @@ def iter_json(path: str, chunk_chars: int = 1 << 20, with_raw: bool = False, pro
 
 def _iter_json(path: str, chunk_chars: int, with_raw: bool, bar):
     if not is_json_array(path):
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                bar.update(len(raw))
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({getattr(e, 'msg', e)})") from None
-                yield (lineno, raw, obj) if with_raw else (lineno, obj)
+        for lineno, raw, obj in json_lines(path):
+            bar.update(len(raw))
+            yield (lineno, raw, obj) if with_raw else (lineno, obj)
         return
     decoder = json.JSONDecoder()
     with open(path, encoding="utf-8", errors="strict") as f:
@@ -224,14 +218,8 @@ def load_dataset_info(path: str, name: str) -> tuple[str, Spec]:
     """(data file, Spec) of entry `name` in a LLaMA-Factory dataset_info.json; UsageError naming what is wrong."""
     if not os.path.isfile(path):
         raise UsageError(f"--dataset_info {path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: invalid JSON ({getattr(e, 'msg', e)}); --dataset_info expects LLaMA-Factory's "
-                        f"dataset_info.json (one JSON object of dataset entries)") from None
-    if not isinstance(info, dict):
-        raise DataError(f"{path}: expected an object of dataset entries (LLaMA-Factory's dataset_info.json)")
+    info = read_json_object(path, DataError, "--dataset_info expects LLaMA-Factory's dataset_info.json (one JSON "
+                                             "object of dataset entries)")
     if name not in info:
         names = ", ".join(list(info)[:20])
         raise UsageError(f"--dataset {name}: no such entry in {path} (it has: {names})")
