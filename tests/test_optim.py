@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -220,25 +219,30 @@ def pretrain(data, out, *extra, timeout=180):
 
 def test_muon_run_resumes_bit_identically(tiny_data, tmp_path):
     """Muon's momentum is optimizer state: a run resumed from step 3 must end with the very weights of one never
-    stopped. The second run in `out` starts from its step-3 checkpoint and recomputes steps 3-5."""
-    data, flags = tiny_data["pretrain"], ["--optimizer", "muon", "--max_steps", "6", "--log_interval", "100"]
-    pretrain(data, tmp_path / "ref", *flags)
+    stopped. The first run goes through (its checkpoint at step 3 changes nothing: tests/test_engine.py); the
+    second, in the same folder, starts from that checkpoint and recomputes steps 3-5."""
+    data, flags = tiny_data["pretrain"], ["--optimizer", "muon", "--max_steps", "6", "--log_interval", "100",
+                                          "--save_interval", "3"]
     out = tmp_path / "run"
-    pretrain(data, out, *flags, "--save_interval", "3")
-    r = pretrain(data, out, *flags, "--save_interval", "3", "--from_resume", "1")
+    pretrain(data, out, *flags)
+    a = load_file(str(out / "model.safetensors"))
+    r = pretrain(data, out, *flags, "--from_resume", "1")
     assert "(step 3," in r.stdout
-    a, b = load_file(str(tmp_path / "ref" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    b = load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_time_budget_ends_on_the_floor_lr(tiny_data, tmp_path):
     """A 3-second budget, far fewer seconds than --epochs would take: the run stops when the time is up, on (or
-    within one step of) the floor LR, and its checkpoint keeps the time used, for a resume."""
+    within one step of) the floor LR, and its checkpoints keep the time used: a resumed run gets only what was
+    left, not a new budget."""
     out = tmp_path / "budget"
     peak, floor = 1e-3, 0.1
-    r = pretrain(tiny_data["pretrain"], out, "--time_budget", "0.05", "--epochs", "10000", "--lr_schedule", "wsd",
-                 "--learning_rate", peak, "--min_lr_ratio", floor, "--log_interval", "1", "--save_interval", "5")
+    flags = ["--time_budget", "0.05", "--epochs", "10000", "--lr_schedule", "wsd", "--learning_rate", peak,
+             "--min_lr_ratio", floor, "--log_interval", "1", "--save_interval", "5", "--keep_checkpoints", "0"]
+    r = pretrain(tiny_data["pretrain"], out, *flags)
     assert "time budget: 0.05 min used after step" in r.stdout
+    final = int(r.stdout.split("used after step ")[1].split("/")[0])
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     lrs = [x["lr"] for x in lines if "lr" in x]
     assert lrs[0] == peak and max(lrs) == peak and all(a >= b for a, b in zip(lrs, lrs[1:]))  # WSD, monotone
@@ -247,3 +251,10 @@ def test_time_budget_ends_on_the_floor_lr(tiny_data, tmp_path):
     ckpts = sorted((out / "checkpoints").iterdir())
     state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
     assert 0 < state["flags"]["time_used_s"] <= 3.0 + 5
+    # resume from the newest checkpoint (step k): only the time left runs, ~final - k steps, not a new budget
+    k = state["step"]
+    assert final >= 10 and k > final // 2
+    r = pretrain(tiny_data["pretrain"], out, *flags, "--from_resume", "1")
+    assert f"(step {k}," in r.stdout and "time budget: 0.05 min used after step" in r.stdout
+    again = int(r.stdout.split("used after step ")[1].split("/")[0])
+    assert again - k <= (final - k) + final // 2, (k, final, again)
