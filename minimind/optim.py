@@ -238,6 +238,10 @@ def lr_schedule(args):
     """
     shape, decay = getattr(args, "lr_schedule", "cosine"), getattr(args, "decay_ratio", 0.2)
     warmup, peak, floor = args.warmup_iters, args.learning_rate, args.min_lr_ratio
+    if not 0 < decay <= 1:
+        raise UsageError(f"--decay_ratio {decay}: must be in (0, 1] (the share of the run spent decaying)")
+    if getattr(args, "time_budget", 0) < 0:
+        raise UsageError(f"--time_budget {args.time_budget}: minutes, >= 0 (0 = no budget)")
 
     def at(step: int, total: int) -> float:
         if step < warmup:

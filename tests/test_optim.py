@@ -17,7 +17,7 @@ from minimind.config import ModelConfig
 from minimind.errors import UsageError
 from minimind.flags import apply_batch_tokens
 from minimind.model import MiniMindForCausalLM
-from minimind.optim import CUBIC, QUINTIC, MuonWithAdamW, configure_optimizer, lr_at, newton_schulz
+from minimind.optim import CUBIC, QUINTIC, MuonWithAdamW, configure_optimizer, lr_at, lr_schedule, newton_schulz
 from minimind.resume import RunState
 from minimind.runtime import Runtime
 from minimind.train import prepare_model, train_step
@@ -174,6 +174,11 @@ def test_wsd_shape():
     assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
     with pytest.raises(UsageError):
         lr_at(50, total, warm, peak, shape="linear")
+    for bad in (dict(decay_ratio=0.0), dict(decay_ratio=1.5), dict(time_budget=-1)):
+        args = argparse.Namespace(**{**dict(lr_schedule="wsd", decay_ratio=0.2, time_budget=0, warmup_iters=0,
+                                            learning_rate=1e-3, min_lr_ratio=0.1), **bad})
+        with pytest.raises(UsageError, match="--" + next(iter(bad))):
+            lr_schedule(args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
