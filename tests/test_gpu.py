@@ -94,6 +94,7 @@ def test_fp16_script_runs_end_to_end(tiny_data, tmp_path):
 def test_flex_attention_packed_rows_equal_the_dense_mask():
     """Packed SFT rows: the FlexAttention BlockMask gives the logits, loss and gradients of the dense (B,1,T,T)
     SDPA mask, in fp32 (tolerance 1e-4: the kernels sum in different orders)."""
+    torch.backends.cuda.matmul.allow_tf32 = False   # fp32 products in both kernels (the default; made explicit)
     model = tiny().float()
     x, y = batch(B=2, T=256)
     lengths = [[40, 100, 16, 100], [256]]                     # documents per row; the second row: one document
