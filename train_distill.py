@@ -116,10 +116,10 @@ def main():
         return distill_batch_loss(model, teacher, batch, args.temperature, args.alpha)
 
     # --- loop -----------------------------------------------------------------------------------------------
-    lr_at = lr_schedule(args)
+    schedule = lr_schedule(args)  # step -> learning rate (warm-up, then decay)
     with RunControl(run, steps, start, "distill", validate=lambda: evaluate(run, val_batches, loss_fn)) as ctl:
         for step, micro_batches in step_batches(data.get, sampler, start, steps, rt.device):
-            out = train_step(run, micro_batches, lr_at(step, steps), loss_fn, poison=step == args.debug_nan_at_step)
+            out = train_step(run, micro_batches, schedule(step, steps), loss_fn, poison=step == args.debug_nan_at_step)
             if ctl.step_done(step, out):  # log (with KL and CE), evaluate, checkpoint when due; SIGTERM: stop
                 break
 

@@ -132,11 +132,11 @@ def main():
         return dpo_batch_loss(model, reference, batch, args.beta, args.label_smoothing, bool(args.ipo))
 
     # --- loop -----------------------------------------------------------------------------------------------
-    lr_at = lr_schedule(args)
+    schedule = lr_schedule(args)  # step -> learning rate (warm-up, then decay)
     validate = lambda: evaluate(run, val_batches, loss_fn, per_token=False)  # noqa: E731 - the mean DPO loss
     with RunControl(run, steps, start, "dpo", validate=validate) as ctl:
         for step, micro_batches in step_batches(batch_of, sampler, start, steps, rt.device):
-            out = train_step(run, micro_batches, lr_at(step, steps), loss_fn, poison=step == args.debug_nan_at_step)
+            out = train_step(run, micro_batches, schedule(step, steps), loss_fn, poison=step == args.debug_nan_at_step)
             if ctl.step_done(step, out):  # log (with reward margin/accuracy), evaluate, checkpoint; SIGTERM: stop
                 break
 

@@ -68,10 +68,10 @@ def main():
              f"dropped (no reply fits) | {steps} steps")
 
     # --- loop: next-token loss on the replies only (packed rows keep attention inside each conversation) ------
-    lr_at = lr_schedule(args)
+    schedule = lr_schedule(args)  # step -> learning rate (warm-up, then decay)
     with RunControl(run, steps, start, "sft", validate=lambda: evaluate(run, val_batches, lm_loss)) as ctl:
         for step, micro_batches in step_batches(data.get, sampler, start, steps, rt.device):
-            out = train_step(run, micro_batches, lr_at(step, steps), lm_loss, poison=step == args.debug_nan_at_step)
+            out = train_step(run, micro_batches, schedule(step, steps), lm_loss, poison=step == args.debug_nan_at_step)
             if ctl.step_done(step, out):  # log, evaluate, checkpoint when due; SIGTERM: save and stop
                 break
 

@@ -101,11 +101,11 @@ def main():
         return args.out_dir
 
     # --- loop: the SFT loss (train.lm_loss); only A and B get gradients -------------------------------------
-    lr_at = lr_schedule(args)
+    schedule = lr_schedule(args)  # step -> learning rate (warm-up, then decay)
     with RunControl(run, steps, 0, "lora", validate=lambda: evaluate(run, val_batches), save=save,
                     final=lambda: save(ctl.done), resumable=False) as ctl:
         for step, micro_batches in step_batches(data.get, sampler, 0, steps, rt.device):
-            out = train_step(run, micro_batches, lr_at(step, steps), poison=step == args.debug_nan_at_step)
+            out = train_step(run, micro_batches, schedule(step, steps), poison=step == args.debug_nan_at_step)
             if ctl.step_done(step, out):  # log, evaluate, save the adapter when due; SIGTERM: save it and stop
                 break
 

@@ -57,10 +57,10 @@ def main():
              packing_note(windows.tokens, tokenizer.eos_id, args.max_seq_len, args.batch_size))
 
     # --- loop -----------------------------------------------------------------------------------------------
-    lr_at = lr_schedule(args)
+    schedule = lr_schedule(args)  # step -> learning rate (warm-up, then decay)
     with RunControl(run, steps, start, "pretrain", validate=lambda: evaluate(run, val_batches)) as ctl:
         for step, micro_batches in step_batches(windows.get, sampler, start, steps, rt.device):
-            out = train_step(run, micro_batches, lr_at(step, steps), poison=step == args.debug_nan_at_step)
+            out = train_step(run, micro_batches, schedule(step, steps), poison=step == args.debug_nan_at_step)
             if ctl.step_done(step, out):  # log, evaluate, checkpoint when due; SIGTERM: save and stop
                 break
 

@@ -1,8 +1,8 @@
 """minimind: train small language models from scratch, in plain PyTorch.
 
-Stages and their homes: tokenizer.py (BPE + chat rendering) -> data.py (JSONL, packing, masks) ->
-model.py (the transformer) + loss.py -> train.py (shared training pieces) -> checkpoint.py (model dirs) ->
-generate.py (decoding) -> evaluate.py / serve.py.
+The package's map, bottom up (docs/en/architecture.md draws it; tests/test_architecture.py checks it):
+errors, runtime, jsonio -> config, loss, model, tokenizer, optim -> data, formats, hf, checkpoint ->
+generate, evaluate, tools, serve, lora -> flags, runlog, resume, train, rl -> the train_*.py scripts.
 """
 import os
 

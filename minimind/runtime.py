@@ -43,8 +43,9 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 def pick_dtype(name: str, device: torch.device, training: bool = True) -> torch.dtype:
     """The one precision policy. 'auto' on CUDA: bf16 (fp16 on GPUs without bf16; bf16 keeps fp32's range, so it
     needs no loss scaling, fp16 does). On the CPU, training autocasts to bf16 (a whole step measured 1.6x fp32 on
-    an avx512_bf16 CPU, dev/LOG.md) while inference keeps fp32 weights (batch-1 decoding is bound by reading
-    weights, and CPU attention kernels are fastest in fp32; for a smaller, faster CPU model see quantize_int8)."""
+    an avx512_bf16 CPU, dev/LOG.md) while inference keeps fp32 weights: the CPU's attention and small-matrix
+    kernels measured fastest in fp32 for decoding (dev/LOG.md), and bf16 weights would halve the bytes read only
+    where the CPU multiplies bf16 natively. For a smaller, faster CPU model see generate.quantize_int8."""
     if name not in DTYPES:
         raise UsageError(f"--dtype {name}: use {', '.join(DTYPES)}")
     if name != "auto":

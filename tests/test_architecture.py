@@ -96,3 +96,20 @@ def test_every_module_says_its_job_first():
 
 def test_train_module_stays_small():
     assert len((PKG / "train.py").read_text(encoding="utf-8").splitlines()) <= 400
+
+
+def test_the_architecture_docs_match_the_code():
+    """docs/en|zh/architecture.md: the import table is the real graph, and the picture names every module."""
+    g = graph()
+    g.pop("__init__")
+    for lang in ("en", "zh"):
+        doc = (ROOT / "docs" / lang / "architecture.md").read_text(encoding="utf-8")
+        table = {}
+        for line in doc.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 2 and cells[0] in g:
+                table[cells[0]] = set() if cells[1] == "—" else {c.strip() for c in cells[1].split(",")}
+        assert table == g, (lang, {m for m in g if table.get(m) != g[m]})
+        picture = doc[doc.index("```"):doc.index("```", doc.index("```") + 3)]
+        missing = [m for m in g if m not in picture.replace(",", " ").split()]
+        assert not missing, (lang, missing)
