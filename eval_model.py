@@ -3,6 +3,8 @@
     python eval_model.py --load_from out/sft                           # interactive chat (history kept, streaming)
     python eval_model.py --load_from out/dpo --prompts                 # the built-in demo questions
     python eval_model.py --load_from out/sft --prompts "What does os.path.join do?"
+    python eval_model.py --load_from out/sft --open_thinking 1                 # thinking on: 💭 shows the reasoning
+    python eval_model.py --load_from out/sft --tools calculator --prompts "256 * 37 = ?"   # the model may call it
     python eval_model.py --load_from out/pretrain --ppl_path ../shared/data/pretrain/en_wiki.train.jsonl --limit 200
     python eval_model.py --load_from out/sft --mc_path ../shared/data/eval/en_mmlu.test.jsonl --shots 5 --limit 20
     python eval_model.py --load_from out/sft --mc_path ceval-exam/val --shots 5       # C-Eval / CMMLU CSV folders
@@ -19,7 +21,8 @@ from minimind import cli
 from minimind.checkpoint import load_model
 from minimind.data import DataError
 from minimind.lora import load_with_adapter
-from minimind.generate import SamplingParams, complete_chats, quantize_int8, stream_chat
+from minimind.generate import SamplingParams, complete_chats, quantize_int8
+from minimind.tools import BUILTIN, ToolRegistry, chat_turn, tool_loop
 from minimind.tokenizer import Tokenizer
 from minimind.runtime import pick_device, pick_dtype
 
@@ -69,6 +72,13 @@ def main():
     p.add_argument("--repetition_penalty", type=float, default=1.0, help=">1 discourages repeating tokens")
     p.add_argument("--stop", nargs="*", default=[], help="extra stop strings (the reply ends before them)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible replies)")
+    p.add_argument("--open_thinking", type=int, choices=[0, 1], default=None,
+                   help="thinking switch of the chat template (MiniMind-3's name; 1 = think first, 0 = answer "
+                        "directly; default: the template's own default)")
+    p.add_argument("--tools", nargs="+", choices=sorted(BUILTIN), default=None,
+                   help="built-in tools the model may call in chat (opt-in): the calls are run and their results "
+                        "sent back until the model answers")
+    p.add_argument("--max_tool_rounds", type=int, default=4, help="--tools: at most this many replies per question")
     # evaluation
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate only the first N records (--mc_path: the first N questions of each subject)")
@@ -99,6 +109,10 @@ def main():
         raise cli.UsageError("--limit must be at least 1")
     if args.shots < 0:
         raise cli.UsageError("--shots must be >= 0")
+    if args.max_tool_rounds < 1:
+        raise cli.UsageError("--max_tool_rounds must be at least 1")
+    thinking = None if args.open_thinking is None else bool(args.open_thinking)
+    registry = ToolRegistry([BUILTIN[name]() for name in args.tools]) if args.tools else None
 
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device, training=False)
@@ -151,7 +165,7 @@ def main():
             if not prompts:
                 raise DataError(f"{args.gen_path}: no record ends with an assistant reply to compare against")
             replies = complete_chats(model, tokenizer, [head + c for c in prompts], stop=args.stop,
-                                     batch_size=args.batch_size, **sampling)
+                                     batch_size=args.batch_size, thinking=thinking, **sampling)
             scores = ev.generation_scores(replies, refs)
             print(f"{args.gen_path}: ROUGE-L {scores['rouge_l']:.2f} | BLEU-4 {scores['bleu']:.2f} | "
                   f"{scores['samples']} replies" + (f" ({skipped} records without a reference skipped)"
@@ -166,13 +180,39 @@ def main():
         return
 
     # --- talking ------------------------------------------------------------------------------------------
-    def reply(messages):
-        pieces = []
-        for piece in stream_chat(model, tokenizer, messages, stop=args.stop, **sampling):
-            print(piece, end="", flush=True)
-            pieces.append(piece)
-        print()
-        return "".join(pieces)
+    dim = "\033[2m" if os.isatty(1) else ""      # reasoning in grey on a terminal
+    undim = "\033[0m" if dim else ""
+    shown = {"kind": None}
+
+    def show(d):
+        """Print one parser delta: 💭 reasoning, then the reply, 🔧 each tool call."""
+        kind = "call" if "tool_call" in d else "reasoning" if "reasoning_content" in d else "content"
+        if kind != shown["kind"] and shown["kind"] is not None:
+            print(undim + "\n   ", end="")
+        if kind == "call":
+            fn = d["tool_call"]["function"]
+            print(f"🔧 {fn['name']}({fn['arguments']})", end="", flush=True)
+        else:
+            if kind != shown["kind"]:
+                print(f"{dim}💭 " if kind == "reasoning" else "", end="")
+            print(d.get("content", d.get("reasoning_content")), end="", flush=True)
+        shown["kind"] = kind
+
+    def result(call, text):
+        print(f"{undim}\n   📎 {text}\n🤖 ", end="", flush=True)
+        shown["kind"] = None
+
+    def reply(messages) -> list[dict]:
+        """The new messages of one answer: the assistant's turn(s), and the tool turns in between."""
+        shown["kind"] = None
+        if registry:
+            new = tool_loop(model, tokenizer, messages, registry, args.max_tool_rounds, thinking, on_delta=show,
+                            on_result=result, stop=args.stop, **sampling)
+        else:
+            new = [chat_turn(model, tokenizer, messages, thinking=thinking, stop=args.stop, on_delta=show,
+                             **sampling).message()]
+        print(undim)
+        return new
 
     if args.prompts is not None:  # fixed prompts, one independent conversation each
         for prompt in args.prompts or DEMO_PROMPTS:
@@ -197,7 +237,7 @@ def main():
             continue
         history.append({"role": "user", "content": prompt})
         print("🤖 ", end="", flush=True)
-        history.append({"role": "assistant", "content": reply(history)})
+        history += reply(history)
 
 
 if __name__ == "__main__":

@@ -536,17 +536,20 @@ def stream_text(model, tokenizer: Tokenizer, prompt: Sequence[int], stop: Sequen
         yield tail
 
 
-def stream_chat(model, tokenizer: Tokenizer, messages: list[dict], stop: Sequence[str] = (),
-                **sampling) -> Iterator[str]:
-    """Render the conversation, generate the assistant's reply, and yield it as text pieces."""
-    prompt, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
+def stream_chat(model, tokenizer: Tokenizer, messages: list[dict], stop: Sequence[str] = (), tools=None,
+                thinking: bool | None = None, **sampling) -> Iterator[str]:
+    """Render the conversation, generate the assistant's reply, and yield it as text pieces. tools / thinking go
+    to the chat template (render_chat); tools.py parses the reply's think block and tool calls."""
+    prompt, _ = tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools, thinking=thinking)
     yield from stream_text(model, tokenizer, prompt, stop, **sampling)
 
 
 def complete_chats(model, tokenizer: Tokenizer, conversations: Sequence[list[dict]], stop: Sequence[str] = (),
-                   batch_size: int = 16, **sampling) -> list[str]:
-    """The assistant's reply to each conversation, generated in batches (evaluation, fixed prompts)."""
-    prompts = [tokenizer.render_chat(c, add_generation_prompt=True)[0] for c in conversations]
+                   batch_size: int = 16, tools=None, thinking: bool | None = None, **sampling) -> list[str]:
+    """The assistant's reply to each conversation, generated in batches (evaluation, fixed prompts); tools and
+    thinking as in stream_chat (the same for every conversation)."""
+    prompts = [tokenizer.render_chat(c, add_generation_prompt=True, tools=tools, thinking=thinking)[0]
+               for c in conversations]
     sampling.setdefault("stop_ids", (tokenizer.eos_id, tokenizer.pad_id))
     streams = [TextStream(tokenizer, stop) for _ in prompts]
     texts: list[list[str]] = [[] for _ in prompts]

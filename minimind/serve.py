@@ -9,6 +9,13 @@ prompts are prefilled together); a request leaves the batch the moment it finish
 client disconnects, and its slot goes to the next in line. Each request keeps its own sampling settings and
 random stream, so a batch-mate never changes what it gets.
 
+Tools and thinking (OpenAI's fields, read as vLLM reads them): `tools` go into the chat template's system turn;
+the reply is parsed by tools.ReplyParser into `reasoning_content`, `content` and `tool_calls` (finish_reason
+"tool_calls"), streamed as deltas; `tool` messages and assistant messages with `tool_calls` come back in the
+history; `tool_choice` "auto" | "none" | "required" | {"type": "function", "function": {"name"}}; thinking is
+switched by `chat_template_kwargs: {"enable_thinking": bool}` (or `open_thinking`, MiniMind-3's name, or either
+at the top level).
+
 Built on FastAPI + uvicorn (the optional `serve` extra); the rest of the library does not need them.
 """
 from __future__ import annotations
@@ -23,15 +30,16 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import torch
 
 from .checkpoint import load_model
-from .errors import UsageError
+from .errors import MiniMindError, UsageError
 from .generate import Engine, SamplingParams, TextStream, quantize_int8
 from .runtime import pick_device, pick_dtype
-from .tokenizer import Tokenizer
+from .tokenizer import TOOL_CALL, Tokenizer
+from .tools import Reply, ReplyParser, collect, prompt_opens_thinking
 
 try:
     from fastapi import FastAPI, Request
@@ -54,15 +62,66 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str = Field(min_length=1)
+    arguments: str                       # JSON text of an object, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
+    tool_calls: list[ToolCall] | None = None      # assistant turns that called tools (content may be null)
+    tool_call_id: str | None = None               # tool turns: which call this answers (the template ignores it)
+    reasoning_content: str | None = None          # assistant turns: their reasoning, if the client kept it
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
-        return self.content or ""
+        return self.content or ""   # null content (an assistant turn that only called tools) renders as ""
+
+    def for_template(self) -> dict:
+        """The message as render_chat takes it."""
+        m = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            m["tool_calls"] = [{"type": "function", "function": {"name": c.function.name,
+                                                                 "arguments": c.function.arguments}}
+                               for c in self.tool_calls]
+        if self.reasoning_content is not None:
+            m["reasoning_content"] = self.reasoning_content
+        return m
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")   # OpenAI's rule
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -71,7 +130,8 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """Fields we do not use (logprobs, tools, user, ...) are ignored, as long as the JSON is an object."""
+    """Fields we do not use (logprobs, user, parallel_tool_calls, ...) are ignored, as long as the JSON is an
+    object."""
     model_config = ConfigDict(strict=True, extra="ignore")
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
@@ -86,6 +146,28 @@ class ChatRequest(BaseModel):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    chat_template_kwargs: dict[str, Any] | None = None     # vLLM's: {"enable_thinking": bool}
+    enable_thinking: bool | None = None                    # the same switch at the top level (Qwen3's name)
+    open_thinking: bool | None = None                      # ... and MiniMind-3's name
+
+    def thinking(self) -> bool | None:
+        """The thinking switch: True / False, or None for the template's default."""
+        kw = self.chat_template_kwargs or {}
+        unknown = sorted(set(kw) - {"enable_thinking", "open_thinking"})
+        if unknown:
+            raise APIError(400, f"chat_template_kwargs: {', '.join(unknown)} not supported (minimind's renderer "
+                                f"takes enable_thinking / open_thinking only)", "chat_template_kwargs")
+        given = [(k, v) for k, v in (("enable_thinking", self.enable_thinking), ("open_thinking", self.open_thinking),
+                                     *(("chat_template_kwargs." + k, v) for k, v in kw.items())) if v is not None]
+        for k, v in given:
+            if not isinstance(v, bool):
+                raise APIError(400, f"{k} must be true or false", k)
+        if len({v for _, v in given}) > 1:
+            raise APIError(400, f"thinking switches disagree: {', '.join(f'{k}={v}' for k, v in given)}",
+                           "enable_thinking")
+        return given[0][1] if given else None
 
 
 class APIError(Exception):
@@ -114,6 +196,14 @@ class Job:
     cancelled: bool = False
     completion_tokens: int = 0
     stream: TextStream | None = None
+    thinking: bool = False           # the prompt opened a think block: the reply starts with reasoning
+    tools: bool = False              # parse <tool_call>s (the request had tools and tool_choice is not "none")
+    prefix: str = ""                 # reply text already written in the prompt (a forced tool call's start)
+
+    def parser(self) -> ReplyParser:
+        p = ReplyParser(self.thinking, self.tools)
+        p.feed(self.prefix)          # inside the forced call: nothing comes out until it closes
+        return p
 
     def send(self, item) -> None:
         """Hand an event to the request's coroutine (called from the worker thread)."""
@@ -293,9 +383,34 @@ def create_app(model, tokenizer: Tokenizer, model_name: str = "minimind", max_ba
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 16:
             raise APIError(400, "stop: at most 16 stop strings", "stop")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
-        prompt, _ = tokenizer.render_chat(messages, add_generation_prompt=True)
+        messages = [m.for_template() for m in req.messages]
+        thinking, choice = req.thinking(), req.tool_choice or "auto"
+        tools = [{"type": "function", "function": {k: v for k, v in (("name", t.function.name), (
+            "description", t.function.description), ("parameters", t.function.parameters)) if v is not None}}
+            for t in req.tools or []]   # OpenAI's shape and field order; the schemas themselves as sent
+        names = [t["function"]["name"] for t in tools]
+        if choice != "auto" and choice != "none" and not tools:
+            raise APIError(400, "tool_choice needs tools: give the functions in 'tools'", "tool_choice")
+        prefix = ""
+        # Forcing a call without constrained decoding: write the start of the call into the prompt, so the
+        # model can only continue it (with thinking off: a forced call has no room for a think block first).
+        # The start ends at '":', not '": ': BPE writes the space together with what follows (' {', ' "'), so a
+        # prompt ending in a lone space token is a token sequence the model never saw in training.
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in names:
+                raise APIError(400, f"tool_choice names {choice.function.name!r}, which is not in tools "
+                                    f"({', '.join(names)})", "tool_choice")
+            prefix, thinking = f'{TOOL_CALL}\n{{"name": "{choice.function.name}", "arguments":', False
+        elif choice == "required":
+            prefix, thinking = f'{TOOL_CALL}\n{{"name":', False
+        if choice == "none":
+            tools = []               # the model is not told about them, and writes no call we would parse
+        try:
+            text = tokenizer.render_text(messages, add_generation_prompt=True, tools=tools or None,
+                                         thinking=thinking)
+        except MiniMindError as e:   # a message or tool the template cannot write
+            raise APIError(400, str(e), "messages") from None
+        prompt = tokenizer.encode(text + prefix)   # one encode of the whole text, as render_chat does
         room = sched.context - len(prompt)
         if room < 1:
             raise APIError(400, f"This model's maximum context length is {sched.context} tokens. However, your "
@@ -307,7 +422,8 @@ def create_app(model, tokenizer: Tokenizer, model_name: str = "minimind", max_ba
             temperature=default_temperature if req.temperature is None else req.temperature,
             top_k=req.top_k or 0, top_p=default_top_p if req.top_p is None else req.top_p,
             repetition_penalty=req.repetition_penalty or 1.0, stop_ids=stops, seed=req.seed)
-        return Job(prompt, params, stop, asyncio.get_running_loop())
+        return Job(prompt, params, stop, asyncio.get_running_loop(), thinking=prompt_opens_thinking(text),
+                   tools=bool(tools), prefix=prefix)
 
     def usage(job: Job) -> dict:
         return {"prompt_tokens": len(job.prompt), "completion_tokens": job.completion_tokens,
@@ -333,6 +449,18 @@ def create_app(model, tokenizer: Tokenizer, model_name: str = "minimind", max_ba
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+        parser, calls = job.parser(), []
+
+        def delta(d: dict) -> dict:
+            """A parser delta as an OpenAI stream delta (a tool call gets its index in the reply)."""
+            if "tool_call" not in d:
+                return d
+            calls.append(d["tool_call"])
+            return {"tool_calls": [{"index": len(calls) - 1, **d["tool_call"]}]}
+
+        def finish_reason(reason: str) -> str:
+            return "tool_calls" if calls and reason == "stop" else reason
+
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -344,13 +472,16 @@ def create_app(model, tokenizer: Tokenizer, model_name: str = "minimind", max_ba
                         # cancels this generator when the client leaves, which runs the finally below)
                         kind, value = await job.queue.get()
                         if kind == "text":
-                            yield chunk({"content": value})
+                            for d in parser.feed(value):
+                                yield chunk(delta(d))
                         elif kind == "error":
                             err = {"error": {"message": value, "type": "server_error", "param": None, "code": None}}
                             yield f"data: {json.dumps(err)}\n\n"
                             break
                         else:
-                            yield chunk({}, value, **({"usage": None} if include_usage else {}))
+                            for d in parser.finish():
+                                yield chunk(delta(d))
+                            yield chunk({}, finish_reason(value), **({"usage": None} if include_usage else {}))
                             if include_usage:
                                 yield (f"data: {json.dumps({'id': rid, 'object': 'chat.completion.chunk', 'created': now, 'model': model_name, 'choices': [], 'usage': usage(job)})}\n\n")
                             break
@@ -361,25 +492,34 @@ def create_app(model, tokenizer: Tokenizer, model_name: str = "minimind", max_ba
             return StreamingResponse(events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-        parts = []
+        deltas = []
         try:
             while True:
                 kind, value = await next_event(job, request)
                 if kind == "text":
-                    parts.append(value)
+                    deltas += parser.feed(value)
                 elif kind == "error":
                     raise APIError(500, value, kind="server_error")
                 elif kind == "gone":
                     return JSONResponse({"error": {"message": "client closed the request", "type": "cancelled",
                                                    "param": None, "code": None}}, status_code=499)
                 else:
+                    deltas += parser.finish()
                     finish = value
                     break
         finally:
             sched.cancel(job)
+        reply = collect(deltas, Reply(""))
+        message = {"role": "assistant", "content": reply.content}
+        if reply.reasoning is not None or parser.opened:
+            message["reasoning_content"] = reply.reasoning or ""
+        if reply.tool_calls:
+            calls[:] = reply.tool_calls
+            message["tool_calls"] = reply.tool_calls
+            message["content"] = reply.content or None     # OpenAI: null content beside tool calls
         return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                             "logprobs": None, "finish_reason": finish}],
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": finish_reason(finish)}],
                 "usage": usage(job)}
 
     return app

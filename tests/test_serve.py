@@ -329,3 +329,202 @@ def test_serve_script_end_to_end(tmp_path, tokenizer):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tools and thinking through the server, on a tiny model trained (in tests/test_tools.py) to call tools
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tool_server(tokenizer):
+    from test_tools import train_tool_model
+    model = train_tool_model(tokenizer)
+    app = create_app(model, tokenizer, "tools", max_batch_size=4, max_seq_len=512, default_temperature=0.0)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.02)
+    assert srv.started, "uvicorn did not start"
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", sched=app.state.scheduler)
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def get_weather(city: str, temp: int) -> str:
+    """The client's own tool (the server never runs tools: the client does, and sends the result back)."""
+    return json.dumps({"city": city, "temp": temp})
+
+
+def accumulate(stream):
+    """An OpenAI stream -> (content, reasoning, tool calls by index, finish_reason, chunk count), as a client
+    assembles it: tool-call fields arrive as deltas keyed by index."""
+    content, reasoning, calls, finish, n = "", "", {}, None, 0
+    for chunk in stream:
+        n += 1
+        for c in chunk.choices:
+            d = c.delta
+            content += d.content or ""
+            reasoning += (d.model_extra or {}).get("reasoning_content") or ""
+            for tc in d.tool_calls or []:
+                slot = calls.setdefault(tc.index, {"id": None, "type": None, "name": "", "arguments": ""})
+                slot["id"] = tc.id or slot["id"]
+                slot["type"] = tc.type or slot["type"]
+                if tc.function:
+                    slot["name"] += tc.function.name or ""
+                    slot["arguments"] += tc.function.arguments or ""
+            finish = c.finish_reason or finish
+    return content, reasoning, calls, finish, n
+
+
+def test_tool_round_trip_with_the_openai_client(tool_server):
+    """The model asks for get_weather; the client runs it and sends the `tool` message; the model answers from
+    the tool's result (two temperatures: the answer is right only if the result was read). Then streamed."""
+    openai = pytest.importorskip("openai")
+    from test_tools import WEATHER
+    client = openai.OpenAI(base_url=tool_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(model="tools", messages=question, tools=[WEATHER], max_tokens=40)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None                          # OpenAI: null content beside the calls
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    args = json.loads(call.function.arguments)                     # arguments: JSON text, as OpenAI sends it
+    assert args == {"city": "Paris"}
+    for temp in (21, 5):
+        # the assistant turn goes back exactly as the SDK returned it (content null + tool_calls)
+        history = question + [choice.message.model_dump(exclude_none=True),
+                              {"role": "tool", "tool_call_id": call.id, "content": get_weather(**args, temp=temp)}]
+        r2 = client.chat.completions.create(model="tools", messages=history, tools=[WEATHER], max_tokens=40)
+        assert r2.choices[0].finish_reason == "stop"
+        assert r2.choices[0].message.content == f"It is {temp} °C in Paris."
+        assert not r2.choices[0].message.tool_calls
+
+    # streamed: the call arrives as tool_calls deltas, finish_reason "tool_calls"; the answer streams as content
+    content, reasoning, calls, finish, _ = accumulate(client.chat.completions.create(
+        model="tools", messages=question, tools=[WEATHER], max_tokens=40, stream=True))
+    assert (content, reasoning, finish) == ("", "", "tool_calls")
+    assert list(calls) == [0] and calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+    assert (calls[0]["name"], json.loads(calls[0]["arguments"])) == ("get_weather", {"city": "Paris"})
+    history = question + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": calls[0]["id"], "type": "function",
+         "function": {"name": calls[0]["name"], "arguments": calls[0]["arguments"]}}]},
+        {"role": "tool", "tool_call_id": calls[0]["id"], "content": get_weather("Paris", 21)}]
+    content, _, calls, finish, n = accumulate(client.chat.completions.create(
+        model="tools", messages=history, tools=[WEATHER], max_tokens=40, stream=True))
+    assert (content, calls, finish) == ("It is 21 °C in Paris.", {}, "stop") and n > 3
+
+
+def test_reasoning_content_and_the_thinking_switch(tool_server):
+    openai = pytest.importorskip("openai")
+    from test_tools import SKY
+    client = openai.OpenAI(base_url=tool_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    want = (SKY[1]["reasoning_content"], SKY[1]["content"])
+    for extra in ({"chat_template_kwargs": {"enable_thinking": True}}, {"enable_thinking": True},
+                  {"chat_template_kwargs": {"open_thinking": True}}, {"open_thinking": True}):
+        r = client.chat.completions.create(model="tools", messages=[SKY[0]], max_tokens=60, extra_body=extra)
+        m = r.choices[0].message
+        assert (m.model_extra["reasoning_content"], m.content) == want, extra
+        assert r.choices[0].finish_reason == "stop"
+    content, reasoning, calls, finish, n = accumulate(client.chat.completions.create(
+        model="tools", messages=[SKY[0]], max_tokens=60, stream=True,
+        extra_body={"chat_template_kwargs": {"enable_thinking": True}}))
+    assert (reasoning, content, calls, finish) == (*want, {}, "stop") and n > 3
+    # thinking off (our template's default): no think block in the prompt, no reasoning_content in the answer
+    r = client.chat.completions.create(model="tools", messages=[SKY[0]], max_tokens=8,
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert "reasoning_content" not in (r.choices[0].message.model_extra or {})
+    # a reasoning turn in the history goes back into the template (reasoning_content is a field it renders)
+    r = client.chat.completions.create(model="tools", max_tokens=4, messages=[
+        SKY[0], {"role": "assistant", "content": SKY[1]["content"], "reasoning_content": "r"},
+        {"role": "user", "content": "ok"}])
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streamed_tool_call_on_the_wire(tool_server):
+    """The raw SSE of a streamed call: a tool_calls delta with index, id, type and the whole function, then a
+    chunk with finish_reason "tool_calls", then [DONE]."""
+    from test_tools import WEATHER
+    body = {"messages": [{"role": "user", "content": "What is the weather in Paris?"}], "tools": [WEATHER],
+            "max_tokens": 40, "stream": True}
+    status, resp, conn = request(tool_server.url + "/v1/chat/completions", "POST", body, stream=True)
+    assert status == 200
+    lines = [line.decode().rstrip("\n") for line in resp if line.strip()]
+    conn.close()
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    calls = [d["tool_calls"] for d in deltas if "tool_calls" in d]
+    assert len(calls) == 1
+    (tc,) = calls[0]
+    assert tc["index"] == 0 and tc["type"] == "function" and tc["id"].startswith("call_")
+    assert tc["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert not any(d.get("content") for d in deltas)       # the call's markup never leaks into the content
+
+
+def test_tool_choice(tool_server):
+    openai = pytest.importorskip("openai")
+    from test_tools import MATH, WEATHER
+    from minimind.tools import calculator
+    client = openai.OpenAI(base_url=tool_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    calc = calculator().schema()
+    # a named function: the call's start is written into the prompt, the model continues with the arguments
+    r = client.chat.completions.create(model="tools", messages=[{"role": "user", "content": "What is 256 * 37?"}],
+                                       tools=[calc], max_tokens=40,
+                                       tool_choice={"type": "function", "function": {"name": "calculate_math"}})
+    (call,) = r.choices[0].message.tool_calls
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert (call.function.name, json.loads(call.function.arguments)) == ("calculate_math", {"expression": "256 * 37"})
+    # "required": the model picks the function itself
+    r = client.chat.completions.create(model="tools", messages=[MATH[0]], tools=[calc], max_tokens=40,
+                                       tool_choice="required")
+    assert [c.function.name for c in r.choices[0].message.tool_calls] == ["calculate_math"]
+    # "none": the tools are not shown to the model, and no call is parsed
+    r = client.chat.completions.create(model="tools", messages=[{"role": "user", "content": "What is the weather "
+                                       "in Paris?"}], tools=[WEATHER], tool_choice="none", max_tokens=20)
+    assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason in ("stop", "length")
+    assert isinstance(r.choices[0].message.content, str)
+    # "auto" is the default
+    r = client.chat.completions.create(model="tools", messages=[{"role": "user", "content": "What is the weather "
+                                       "in Paris?"}], tools=[WEATHER], tool_choice="auto", max_tokens=40)
+    assert r.choices[0].finish_reason == "tool_calls"
+
+
+TOOL_BAD = [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "'g', which is not in tools"),
+    ({"tool_choice": "required"}, "tool_choice needs tools"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [{"type": "retrieval"}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools"),
+    ({"tools": {"type": "function"}}, "tools"),
+    ({"chat_template_kwargs": {"enable_thinking": "yes"}}, "enable_thinking must be true or false"),
+    ({"chat_template_kwargs": {"reasoning_effort": "high"}}, "reasoning_effort not supported"),
+    ({"enable_thinking": True, "chat_template_kwargs": {"enable_thinking": False}}, "disagree"),
+    ({"enable_thinking": "on"}, "enable_thinking"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{broken"}}]}]},
+     "not valid JSON"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]}]}, "arguments"),
+    ({"messages": [{"role": "user", "content": "hi", "reasoning_content": "r"}]}, "reasoning_content"),
+]
+
+
+def test_bad_tool_requests_are_400(tool_server):
+    url = tool_server.url + "/v1/chat/completions"
+    for extra, needle in TOOL_BAD:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, **extra}
+        status, reply = request(url, "POST", body)
+        assert status == 400, (extra, status, reply)
+        err = reply["error"]
+        assert err["type"] == "invalid_request_error"
+        assert needle in err["message"] or needle == err.get("param"), (extra, err)
+    assert tool_server.sched.stats()["running"] == 0
