@@ -482,6 +482,10 @@ def test_tool_choice(tool_server):
     (call,) = r.choices[0].message.tool_calls
     assert r.choices[0].finish_reason == "tool_calls"
     assert (call.function.name, json.loads(call.function.arguments)) == ("calculate_math", {"expression": "256 * 37"})
+    content, _, calls, finish, _ = accumulate(client.chat.completions.create(
+        model="tools", messages=[{"role": "user", "content": "What is 256 * 37?"}], tools=[calc], max_tokens=40,
+        stream=True, tool_choice={"type": "function", "function": {"name": "calculate_math"}}))
+    assert (content, finish, calls[0]["name"]) == ("", "tool_calls", "calculate_math")   # the prefix never leaks
     # "required": the model picks the function itself
     r = client.chat.completions.create(model="tools", messages=[MATH[0]], tools=[calc], max_tokens=40,
                                        tool_choice="required")
