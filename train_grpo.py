@@ -71,6 +71,9 @@ def main():
         raise UsageError("--num_generations must be >= 2: GRPO compares replies to the same prompt")
     if args.num_iterations < 1:
         raise UsageError("--num_iterations must be >= 1")
+    if args.fsdp:  # the engine samples from whole weights; FSDP's are sharded across ranks
+        raise UsageError("--fsdp 1 is not supported by train_grpo.py (rollouts need the whole model on each rank); "
+                         "use DDP (torchrun without --fsdp)")
 
     # --- setup: device, precision, ranks (torchrun), threads, seeds -----------------------------------------
     rt = runtime.start(args.device, args.dtype, args.num_threads, args.seed)

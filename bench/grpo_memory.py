@@ -10,9 +10,16 @@ One GRPO step = rollout (num_generations replies per prompt) + the policy's forw
   padded   MiniMind's train_grpo.py scoring, re-implemented on our model: the rollouts right-padded to the longest,
            model(outputs, attention_mask) -> logits over EVERY position [B*G, T, V] -> log_softmax -> gather, for
            the policy and the reference (a padding mask disables the flash/varlen kernel: dense masked attention)
-Peak memory: CPU = the process's max RSS (ru_maxrss) after the step minus before it; CUDA = max_memory_allocated.
-MiniMind's own script cannot run here: it needs `transformers` and `datasets` and loads a 1.8B reward model
-(internlm2-1_8b-reward) from disk; see bench/README.md.
+  minimind MiniMind's own trainer/train_grpo.py, unmodified, from a clone (--minimind_repo, default the
+           git-ignored .bench_ref/minimind): its grpo_train_epoch() runs one step (its TorchRolloutEngine with
+           HF generate, its per-token log-probs, its loss and AdamW step) on its MiniMindForCausalLM of the same
+           shape. Two things are stubbed, because they cannot run here: the `datasets` import (not installed,
+           and only used to read the JSONL, which we hand it as a list) and its 1.8B reward model
+           (internlm2-1_8b-reward, scores here are 0; its rule-based rewards still run). Needs `transformers`.
+Peak memory: CPU = the process's max RSS (ru_maxrss) at the end minus before the step (rollout included); CUDA =
+max_memory_allocated. --spread 1 (default) cuts reply i to a length spread between 1/4 and all of --max_gen_len
+for ours/padded (a random model never stops, real replies differ in length); the minimind variant generates its
+own replies, so compare it with --spread 0.
 """
 import os
 
@@ -54,15 +61,16 @@ def one_step(args) -> dict:
     # Rollouts (both variants use the same engine: what differs is how the rollouts are scored for training).
     # A random model rarely stops, so replies run to max_gen_len: the worst case for padding is avoided on purpose
     # by cutting reply i to a length spread between 1/4 and all of max_gen_len (as real replies differ).
-    ro = rollout(policy, tok, prompts, G, args.max_gen_len, 1.0, seeds=list(range(len(prompts) * G)))
-    n = len(ro.reply_ids)
-    replies = [r[:max(1, args.max_gen_len * (n + 3 * i) // (4 * n))] for i, r in enumerate(ro.reply_ids)]
-    rollout_tps = ro.new_tokens / ro.seconds
-    adv = group_advantages(torch.randn(n), G)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before = rss_mb()
+    ro = rollout(policy, tok, prompts, G, args.max_gen_len, 1.0, seeds=list(range(len(prompts) * G)))
+    n = len(ro.reply_ids)
+    replies = ([r[:max(1, args.max_gen_len * (n + 3 * i) // (4 * n))] for i, r in enumerate(ro.reply_ids)]
+               if args.spread else ro.reply_ids)
+    rollout_tps = ro.new_tokens / ro.seconds
+    adv = group_advantages(torch.randn(n), G)
     t0 = time.perf_counter()
     policy.train()
     if args.variant == "ours":
@@ -105,6 +113,72 @@ def one_step(args) -> dict:
             "rollout_tokens_per_s": round(rollout_tps, 1), "replies": n}
 
 
+def minimind_step(args) -> dict:
+    """One step of MiniMind's own grpo_train_epoch (trainer/train_grpo.py), timed and measured."""
+    import argparse as ap
+    import types
+    repo = os.path.abspath(args.minimind_repo)
+    if not os.path.isfile(os.path.join(repo, "trainer", "train_grpo.py")):
+        sys.exit(f"error: {repo}: no trainer/train_grpo.py (clone github.com/jingyaogong/minimind there)")
+    stub = types.ModuleType("datasets")      # imported by it, used only by its JSONL loader (not called here)
+    for name in ("load_dataset", "Features", "Sequence", "Value"):
+        setattr(stub, name, None)
+    sys.modules.setdefault("datasets", stub)
+    sys.path.insert(0, repo)
+    from model.model_minimind import MiniMindConfig, MiniMindForCausalLM as TheirModel
+    from transformers import AutoTokenizer
+    import trainer.train_grpo as mm
+    from trainer.rollout_engine import create_rollout_engine
+    torch.manual_seed(0)
+    dev = args.device
+    G = args.num_generations
+    mm.args = ap.Namespace(num_generations=G, max_seq_len=768, max_gen_len=args.max_gen_len, device=dev,
+                           debug_mode=False, beta=0.1, loss_type="cispo", epsilon=0.2, epsilon_high=5.0,
+                           accumulation_steps=1, grad_clip=1.0, log_interval=10**9, save_interval=10**9, epochs=1)
+    mm.lm_config = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                                  max_seq_len=768 + args.max_gen_len)
+    mm.tokenizer = AutoTokenizer.from_pretrained(os.path.join(repo, "model"))
+    mm.model = TheirModel(mm.lm_config).to(dev)
+    ref = TheirModel(mm.lm_config).to(dev).eval().requires_grad_(False)
+    mm.optimizer = torch.optim.AdamW(mm.model.parameters(), lr=3e-7)
+    mm.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(mm.optimizer, T_max=10)
+    mm.autocast_ctx = __import__("contextlib").nullcontext()       # what it uses on CPU
+    engine = create_rollout_engine(engine_type="torch", policy_model=mm.model, tokenizer=mm.tokenizer, device=dev,
+                                   autocast_ctx=mm.autocast_ctx)
+    timing = {"s": 0.0, "tokens": 0}
+    inner = engine.rollout
+
+    def timed(*a, **k):
+        t = time.perf_counter()
+        res = inner(*a, **k)
+        timing["s"] += time.perf_counter() - t
+        is_eos = res.completion_ids == mm.tokenizer.eos_token_id
+        ends = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(is_eos[:, 0], is_eos.shape[1],
+                                                                                     dtype=torch.long))
+        timing["tokens"] += int(ends.sum())
+        timing["positions"] = res.output_ids.numel()
+        return res
+    engine.rollout = timed
+
+    class NoRewardModel:   # its LMForRewardModel loads internlm2-1_8b-reward: not available here
+        def get_score(self, messages, response):
+            return 0.0
+    prompts = [mm.tokenizer.apply_chat_template([{"role": "user", "content": f"What is {17 + i} + {25 * i}? "
+                                                  f"Explain step by step."}], tokenize=False,
+                                                add_generation_prompt=True) for i in range(args.prompts)]
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = rss_mb()
+    t0 = time.perf_counter()
+    mm.grpo_train_epoch(0, [{"prompt": prompts}], 10**9, engine, ref, NoRewardModel())
+    total = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.startswith("cuda") else rss_mb() - before
+    return {"variant": "minimind", "train_s": round(total - timing["s"], 3), "peak_mb": round(peak, 1),
+            "positions": timing["positions"], "real_tokens": None,
+            "rollout_tokens_per_s": round(timing["tokens"] / timing["s"], 1), "replies": args.prompts * G}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
@@ -114,15 +188,22 @@ def main():
     p.add_argument("--num_generations", type=int, default=6)
     p.add_argument("--max_gen_len", type=int, default=256)
     p.add_argument("--num_threads", type=int, default=0)
-    p.add_argument("--variant", default=None, choices=["ours", "padded"], help="(internal: run one variant)")
+    p.add_argument("--spread", type=int, default=1, choices=[0, 1],
+                   help="1 = cut ours/padded replies to lengths spread over 1/4..1 of --max_gen_len (see above)")
+    p.add_argument("--minimind_repo", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                           ".bench_ref", "minimind"),
+                   help="a clone of github.com/jingyaogong/minimind, for the 'minimind' variant")
+    p.add_argument("--variants", default="ours,padded,minimind", help="comma-separated: ours, padded, minimind")
+    p.add_argument("--variant", default=None, choices=["ours", "padded", "minimind"],
+                   help="(internal: run one variant)")
     args = p.parse_args()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     if args.variant:
-        print(json.dumps(one_step(args)))
+        print(json.dumps(minimind_step(args) if args.variant == "minimind" else one_step(args)))
         return
     rows = []
-    for variant in ("ours", "padded"):
+    for variant in args.variants.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--variant", variant]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
@@ -130,7 +211,7 @@ def main():
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
     print(f"{'variant':8} {'replies':>7} {'positions':>9} {'real':>6} {'train s':>8} {'peak MB':>8} {'rollout tok/s':>13}")
     for r in rows:
-        print(f"{r['variant']:8} {r['replies']:7d} {r['positions']:9d} {r['real_tokens']:6d} {r['train_s']:8.2f} "
+        print(f"{r['variant']:8} {r['replies']:7d} {r['positions']:9d} {str(r['real_tokens'] or '-'):>6} {r['train_s']:8.2f} "
               f"{r['peak_mb']:8.1f} {r['rollout_tokens_per_s']:13.1f}")
 
 
