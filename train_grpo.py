@@ -114,7 +114,7 @@ def main():
         """Rollout -> rewards -> group advantages -> one packed row, for the prompts of one micro-batch."""
         batch = [train_prompts[i] for i in idx]
         ro = rollout(policy, tokenizer, [pr.ids for pr in batch], G, args.max_gen_len, args.temperature,
-                     args.top_p, rollout_seeds(args.seed, step, rt.rank, micro, len(batch) * G),
+                     args.top_p, rollout_seeds(args.seed, step, micro * rt.world + rt.rank, len(batch) * G),
                      args.rollout_batch or None)
         scored = [reward_of(text, batch[i // G]) for i, text in enumerate(ro.texts)]
         rewards = torch.tensor([r for r, _ in scored])

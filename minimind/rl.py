@@ -123,9 +123,12 @@ class Rollouts:
         return sum(len(r) for r in self.reply_ids)
 
 
-def rollout_seeds(seed: int, step: int, rank: int, micro: int, n: int) -> list[int]:
-    """One sampling seed per reply, a pure function of where it is in the run: a resumed run draws the same."""
-    return [int(s) for s in np.random.SeedSequence([seed, step, rank, micro]).generate_state(n, dtype=np.uint64)
+def rollout_seeds(seed: int, step: int, slot: int, n: int) -> list[int]:
+    """One sampling seed per reply, a pure function of where it is in the run: a resumed run draws the same.
+
+    slot: the micro-batch's place in the step over all ranks (micro * world + rank, the Sampler's order), so 2
+    ranks x 1 micro-batch draw exactly what 1 rank x 2 micro-batches draws for the same prompts."""
+    return [int(s) for s in np.random.SeedSequence([seed, step, slot]).generate_state(n, dtype=np.uint64)
             .astype(np.int64) & 0x7FFF_FFFF_FFFF_FFFF]
 
 

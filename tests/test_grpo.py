@@ -216,36 +216,72 @@ def test_grpo_raises_heldout_reward(tokenizer):
 # ---------------------------------------------------------------------------------------------------------------
 # The script: end to end, metrics, and exact resume
 # ---------------------------------------------------------------------------------------------------------------
-def test_train_grpo_script_resumes_exactly(tmp_path, tokenizer):
-    import shutil
+@pytest.fixture(scope="module")
+def grpo_run(tmp_path_factory, tokenizer):
+    """A random tiny model and 40 arithmetic prompts; then train_grpo.py for 4 steps (2 prompts x 2 micro-batches
+    x 4 replies, grpo loss, 2 updates per rollout, KL), saving a checkpoint at step 2."""
     import sys
-    from safetensors.torch import load_file
     from minimind.checkpoint import save_model
-    sys.path.insert(0, str(__import__("conftest").ROOT / "dataset"))
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "dataset"))
     from build_rl import build
-    data = build(str(tmp_path / "rl.jsonl"), n=40, seed=0)
+    tmp = tmp_path_factory.mktemp("grpo")
+    data = build(str(tmp / "rl.jsonl"), n=40, seed=0)
     torch.manual_seed(0)
     save_model(MiniMindForCausalLM(ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
                                                num_attention_heads=4, num_key_value_heads=2)), tokenizer,
-               str(tmp_path / "sft"))
-    flags = ["--from_weight", tmp_path / "sft", "--data_path", data, "--max_steps", 4, "--batch_size", 2,
+               str(tmp / "sft"))
+    flags = ["--from_weight", tmp / "sft", "--data_path", data, "--max_steps", 4, "--batch_size", 2,
              "--num_generations", 4, "--max_gen_len", 12, "--learning_rate", 1e-3, "--log_interval", 1,
              "--save_interval", 2, "--num_threads", 1, "--dtype", "float32", "--loss_type", "grpo",
              "--num_iterations", 2, "--beta", 0.1]
-    first = run_script("train_grpo.py", *flags, "--out_dir", tmp_path / "a", timeout=300)
-    assert first.returncode == 0, first.stderr[-2000:]
-    rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    r = run_script("train_grpo.py", *flags, "--accumulation_steps", 2, "--out_dir", tmp / "a", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return tmp, flags
+
+
+def _weights(d):
+    from safetensors.torch import load_file
+    return load_file(str(d / "model.safetensors"))
+
+
+def test_train_grpo_script_logs_and_resumes_exactly(grpo_run):
+    import shutil
+    tmp, flags = grpo_run
+    rows = [json.loads(l) for l in (tmp / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert {"reward", "kl", "response_len", "rollout_tokens_per_s", "accuracy", "clip_frac"} <= set(rows[-1])
     assert all(r["kl"] > 0 for r in rows)   # logged after each step's 2nd update: the policy left the reference
     # Resume from step 2's checkpoint in a fresh directory: the same final weights, bit for bit.
-    shutil.copytree(tmp_path / "a" / "checkpoints" / "step_000002", tmp_path / "b" / "checkpoints" / "step_000002")
-    second = run_script("train_grpo.py", *flags, "--out_dir", tmp_path / "b", "--from_resume", 1, timeout=300)
-    assert second.returncode == 0, second.stderr[-2000:]
-    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
-    start = load_file(str(tmp_path / "sft" / "model.safetensors"))
+    shutil.copytree(tmp / "a" / "checkpoints" / "step_000002", tmp / "b" / "checkpoints" / "step_000002")
+    r = run_script("train_grpo.py", *flags, "--accumulation_steps", 2, "--out_dir", tmp / "b", "--from_resume", 1,
+                   timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b, start = _weights(tmp / "a"), _weights(tmp / "b"), _weights(tmp / "sft")
     assert any(not torch.equal(a[k], start[k]) for k in a)      # training changed the weights ...
     assert all(torch.equal(a[k], b[k]) for k in a)              # ... and the resumed run changed them identically
+
+
+@pytest.mark.slow
+def test_train_grpo_ddp_equals_one_process(grpo_run):
+    """2 ranks x 1 micro-batch = 1 rank x 2 micro-batches: the same prompts, the same rollout seeds, and a
+    normaliser over both ranks' tokens, so DDP's averaged gradient is the one process's (up to summation order)."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    tmp, flags = grpo_run
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + os.getpid() % 1000), str(ROOT / "train_grpo.py"), *map(str, flags), "--out_dir", str(tmp / "ddp")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ranks 2" in r.stdout
+    a, d = _weights(tmp / "a"), _weights(tmp / "ddp")
+    assert max((a[k] - d[k]).abs().max().item() for k in a) <= 1e-6
+    one = [json.loads(l) for l in (tmp / "a" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(l) for l in (tmp / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward"] for r in one] == pytest.approx([r["reward"] for r in two], abs=1e-6)   # both ranks' rollouts
 
 
 def test_train_grpo_refuses_unanswered_prompts(tmp_path, tokenizer):
