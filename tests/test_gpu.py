@@ -74,16 +74,20 @@ def test_mixed_precision_steps_learn_and_track_fp32(dtype):
 
 
 @on_gpu
-def test_fp16_script_runs_end_to_end(tiny_data, tmp_path):
-    """train_pretrain.py --dtype float16 on the GPU: GradScaler, autocast, checkpoint and final save together."""
+@pytest.mark.parametrize("dtype,optimizer", [("float16", "adamw"), ("bfloat16", "muon")])
+def test_script_runs_end_to_end(dtype, optimizer, tiny_data, tmp_path):
+    """train_pretrain.py on the GPU: fp16 with GradScaler (AdamW), and bf16 with Muon; autocast, a checkpoint, a
+    resume from it and the final save together."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, str(ROOT / "train_pretrain.py"), "--data_path", tiny_data["pretrain"],
-                        "--out_dir", str(tmp_path / "fp16"), "--hidden_size", "64", "--num_hidden_layers", "2",
-                        "--max_seq_len", "64", "--batch_size", "8", "--max_steps", "6", "--device", "cuda",
-                        "--dtype", "float16", "--save_interval", "3", "--log_interval", "1"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "dtype float16" in r.stdout and (tmp_path / "fp16" / "model.safetensors").is_file()
+    cmd = [sys.executable, str(ROOT / "train_pretrain.py"), "--data_path", tiny_data["pretrain"], "--out_dir",
+           str(tmp_path / dtype), "--hidden_size", "64", "--num_hidden_layers", "2", "--max_seq_len", "64",
+           "--batch_size", "8", "--max_steps", "6", "--device", "cuda", "--dtype", dtype, "--optimizer", optimizer,
+           "--save_interval", "3", "--log_interval", "1"]
+    for extra in ([], ["--from_resume", "1"]):
+        r = subprocess.run(cmd + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert f"dtype {dtype}" in r.stdout and "(step 3," in r.stdout
+    assert (tmp_path / dtype / "model.safetensors").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------------
