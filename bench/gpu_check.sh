@@ -68,7 +68,7 @@ else
     GEN="--device cuda --hidden_size 768 --new_tokens 512 --batch_sizes 1 16"
     GEN2="$GEN --use_compile"
     GRPO="--device cuda --hidden_size 768 --num_hidden_layers 8 --max_gen_len 1024 --variants ours,padded"
-    T_TESTS=120; T_TRAIN=70; T_SFT=70; T_GEN=45; T_GRPO=60   # worst case 480 s: the check stays within 8 minutes
+    T_TESTS=150; T_TRAIN=70; T_SFT=60; T_GEN=40; T_GRPO=50   # worst case 480 s: the check stays within 8 minutes
 fi
 
 NAMES=(); STATUS=(); SECS=(); HEAD=()
