@@ -263,3 +263,18 @@ def test_time_budget_ends_on_the_floor_lr(tiny_data, tmp_path):
     assert f"(step {k}," in r.stdout and "time budget: 0.05 min used after step" in r.stdout
     again = int(r.stdout.split("used after step ")[1].split("/")[0])
     assert again - k <= (final - k) + final // 2, (k, final, again)
+
+
+@pytest.mark.slow
+def test_time_budget_under_ddp_stops_every_rank_together(tiny_data, tmp_path):
+    """2 CPU ranks (gloo) with Muon and a 3-second budget: the ranks agree on the clock (a max all-reduce each
+    step), so they stop at the same step; a rank that stopped alone would leave the other waiting in an
+    all-reduce until the timeout."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29500 + (os.getpid() + 500) % 1000), str(ROOT / "train_pretrain.py"), "--data_path",
+                        tiny_data["pretrain"], "--out_dir", str(tmp_path / "ddp"), *TINY, "--batch_size", "2",
+                        "--time_budget", "0.05", "--epochs", "100", "--optimizer", "muon", "--log_interval", "5"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ranks 2" in r.stdout and r.stdout.count("time budget: 0.05 min used after step") == 1
