@@ -301,6 +301,9 @@ class RunControl:
         self.log = RunLog(run.args, steps, start=start, enabled=run.rt.main, desc=desc)
         self.last_saved, self.stopping, self.tokens = None, False, 0
         self.clock, self.out_of_time = TimeBudget(run.args, start, self.world), False  # --time_budget
+        for g in run.optimizer.param_groups:  # a resumed optimizer keeps the saved ratio; the flags now must win
+            if g.get("muon") and getattr(run.args, "muon_lr", None):
+                g["lr_scale"] = run.args.muon_lr / run.args.learning_rate
         run.model.train()
 
     def __enter__(self):

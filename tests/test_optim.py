@@ -278,3 +278,24 @@ def test_time_budget_under_ddp_stops_every_rank_together(tiny_data, tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ranks 2" in r.stdout and r.stdout.count("time budget: 0.05 min used after step") == 1
+
+
+def test_resumed_muon_groups_take_the_muon_lr_of_the_flags(tmp_path):
+    """load_state_dict restores each group's saved lr_scale; RunControl sets it from --muon_lr / --learning_rate
+    again, so a changed --muon_lr on resume wins (as a changed --weight_decay does in resume.py)."""
+    from minimind.train import RunControl
+    model = tiny_model()
+    opt = configure_optimizer(model, 1e-3, 0.0, CPU, kind="muon", muon_lr=0.02)
+    opt.load_state_dict(opt.state_dict())                          # what resume() does
+    args = argparse.Namespace(out_dir=str(tmp_path), muon_lr=0.04, learning_rate=1e-3, grad_clip=1.0)
+    run = RunState(args, Runtime(0, 0, 1, CPU, torch.float32), model, opt,
+                   torch.amp.GradScaler("cpu", enabled=False), tokenizer=None)
+    import signal
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}   # RunControl installs its own
+    try:
+        with RunControl(run, steps=1):
+            assert [g["lr_scale"] for g in opt.param_groups if g["muon"]] == [pytest.approx(40.0)]
+            assert [g["lr_scale"] for g in opt.param_groups if not g["muon"]] == [1.0] * (len(opt.param_groups) - 1)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
