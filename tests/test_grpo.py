@@ -151,30 +151,31 @@ def test_load_prompts_formats(tmp_path, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# RL learns: a tiny model, briefly SFT'd on noisy addition, then GRPO; held-out prompts vs a no-RL control
+# RL learns: a tiny model SFT'd to hedge ("7 or 12") half the time; GRPO on some prompts, measured on the others
 # ---------------------------------------------------------------------------------------------------------------
 def test_grpo_raises_heldout_reward(tokenizer):
     torch.manual_seed(0)
     rng = random.Random(0)
     problems = [(a, b) for a in range(10) for b in range(10)]
     rng.shuffle(problems)
-    train, held = problems[:80], problems[80:]            # 20 prompts never seen in SFT or RL
+    rl_set, held = problems[:60], problems[60:]            # RL never sees the 40 held-out prompts
 
     def ask(a, b):
         return [{"role": "user", "content": f"{a}+{b}="}]
 
-    # SFT: half the answers are right, half a random number, so the model starts knowing a little.
+    # SFT on all 100 sums: half the answers hedge with a second, random number after the sum. The last number is
+    # what counts (rewards.parse_number), so a hedged reply is usually wrong: the model knows the sums but
+    # commits to them only about half the time. Nothing prompt-specific is left to learn, only the habit.
     examples = []
     for _ in range(20):
-        for a, b in train:
-            ans = a + b if rng.random() > 0.5 else rng.randrange(19)
-            examples.append(Example(*sft_example(tokenizer, ask(a, b) + [{"role": "assistant", "content": str(ans)}],
-                                                 64)))
+        for a, b in problems:
+            ans = str(a + b) if rng.random() > 0.5 else f"{a + b} or {rng.randrange(19)}"
+            examples.append(Example(*sft_example(tokenizer, ask(a, b) + [{"role": "assistant", "content": ans}], 64)))
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2)
     model = MiniMindForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(600):
+    for _ in range(400):
         x, y = pad_batch(rng.sample(examples, 32), tokenizer.pad_id)
         loss = model(x, targets=y)
         opt.zero_grad()
@@ -185,15 +186,15 @@ def test_grpo_raises_heldout_reward(tokenizer):
     def prompts(pairs):
         return [Prompt(tokenizer.render_chat(ask(a, b), add_generation_prompt=True)[0], ask(a, b), str(a + b),
                        None, None, False, {}) for a, b in pairs]
-    train_p, held_p = prompts(train), prompts(held)
+    rl_prompts, held_prompts = prompts(rl_set), prompts(held)
     reward_of = lambda text, p: score(text, vars(p))      # noqa: E731
 
-    # GRPO: 40 steps x 8 prompts x 8 replies, on-policy, the objective train_grpo.py uses.
+    # GRPO: 40 steps x 16 prompts x 8 replies, on-policy, the objective and clipping train_grpo.py uses.
     G = 8
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for step in range(40):
-        batch = rng.sample(train_p, 8)
-        ro = rollout(model, tokenizer, [p.ids for p in batch], G, 4, 1.0,
+        batch = rng.sample(rl_prompts, 16)
+        ro = rollout(model, tokenizer, [p.ids for p in batch], G, 6, 1.0,
                      seeds=list(range(step * 1000, step * 1000 + len(batch) * G)))
         rewards = torch.tensor([reward_of(t, batch[i // G])[0] for i, t in enumerate(ro.texts)])
         x, y, doc, adv = pack_rollouts(ro.prompt_ids, ro.reply_ids, group_advantages(rewards, G))
@@ -202,15 +203,17 @@ def test_grpo_raises_heldout_reward(tokenizer):
         loss, _ = policy_loss(logp, logp.detach(), adv, loss_type="grpo")
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    # Held-out reward: 16 sampled replies (temperature 1) to each of the 20 unseen prompts, same seeds for both.
+    # Held-out reward: 8 sampled replies (temperature 1: the policy as it is) to each of the 40 held-out prompts,
+    # the same seeds for both models.
     def heldout(m):
-        return heldout_reward(m, tokenizer, held_p, reward_of, 4, temperature=1.0, samples=16, seed=123)[1]
+        return heldout_reward(m, tokenizer, held_prompts, reward_of, 6, temperature=1.0, samples=8, seed=123)[1]
     rl_acc, control_acc = heldout(model), heldout(control)
     print(f"held-out accuracy: GRPO {rl_acc:.3f}, no-RL control {control_acc:.3f}")
-    assert control_acc > 0.02                             # SFT gave the model something to build on
-    assert rl_acc >= control_acc + 0.08 and rl_acc >= 1.5 * control_acc, (rl_acc, control_acc)
+    assert control_acc > 0.2                              # SFT gave the model something to build on
+    assert rl_acc >= control_acc + 0.15, (rl_acc, control_acc)
 
 
 # ---------------------------------------------------------------------------------------------------------------
