@@ -85,7 +85,8 @@ def main():
     model = prepare_model(build_model(args, tokenizer.vocab_size).to(rt.device), args, rt, dynamic=True)
     policy = unwrap(model)   # the bare model: the engine samples from it (no DDP/compile wrapper needed)
     reference = load_model(args.from_weight, device=rt.device).eval().requires_grad_(False) if args.beta else None
-    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, rt.device)
+    optimizer = configure_optimizer(model, args.learning_rate, args.weight_decay, rt.device,
+                                    kind=args.optimizer, muon_lr=args.muon_lr)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
 
     # --- data: prompts (rendered once) and how each reply is scored -----------------------------------------
@@ -132,7 +133,7 @@ def main():
             return [reply_logprobs(net, x, y, doc).float() for x, y, doc, *_ in batches]
 
     # --- loop -----------------------------------------------------------------------------------------------
-    lr_at = lr_schedule(args)
+    schedule = lr_schedule(args)  # step -> learning rate (warm-up, then decay)
     get_prompts = lambda idx: (torch.as_tensor(idx, dtype=torch.long),)  # noqa: E731 - the sampler's indices
     with RunControl(run, steps, start, "grpo") as ctl:
         for step, micro_prompts in step_batches(get_prompts, sampler, start, steps, "cpu"):
@@ -160,7 +161,7 @@ def main():
 
             # 4. update (num_iterations times on the same rollouts)
             for _ in range(args.num_iterations):
-                out = train_step(run, batches, lr_at(step, steps), loss_fn, poison=step == args.debug_nan_at_step)
+                out = train_step(run, batches, schedule(step, steps), loss_fn, poison=step == args.debug_nan_at_step)
             # 5. what the bar and metrics.jsonl show: the step's rollouts over all ranks
             if rt.world > 1:
                 stats = stats.to(rt.device)
