@@ -21,12 +21,16 @@ from minimind.flags import add_common_args
 from minimind.resume import RunState, resume, run_fingerprint
 from minimind.rewards import RewardWeights, load_reward_fn, score
 from minimind.rl import (group_advantages, heldout_reward, load_prompts, pack_rollouts, policy_loss, reply_logprobs,
-                         rollout, rollout_seeds)
+                         rollout, rollout_seeds, rollout_turns)
 from minimind.runlog import announce
 from minimind.runtime import autocast
 from minimind.tokenizer import Tokenizer
+from minimind.tools import ToolRegistry, calculator
 from minimind.train import RunControl, build_model, configure_optimizer, lr_schedule, prepare_model, total_steps, \
     train_step
+
+
+BUILTIN_TOOLS = {"calculator": calculator}   # --tools: opt-in, each one safe to run on a model's arguments
 
 
 def main():
@@ -54,6 +58,12 @@ def main():
                    help="1 = advantage (r - mean) / std within the group (GRPO); 0 = r - mean only (Dr. GRPO)")
     g.add_argument("--thinking_ratio", type=float, default=0.0,
                    help="share of prompts rendered with thinking switched on (MiniMind's flag; seeded per prompt)")
+    g.add_argument("--max_turns", type=int, default=1,
+                   help="replies per conversation: > 1 runs the tool calls a reply makes and lets the model continue "
+                        "with their results (MiniMind's train_agent.py uses 3); tool results are not trained on")
+    g.add_argument("--tools", default="",
+                   help="built-in tools the rollouts may run, comma-separated: calculator (safe arithmetic, no eval). "
+                        "Calls to other tools get an error back. Default: none")
     g.add_argument("--rollout_batch", type=int, default=0,
                    help="engine slots decoded together (0 = all replies of a micro-batch at once)")
     g = p.add_argument_group("rewards (minimind/rewards.py)")
@@ -71,6 +81,13 @@ def main():
         raise UsageError("--num_generations must be >= 2: GRPO compares replies to the same prompt")
     if args.num_iterations < 1:
         raise UsageError("--num_iterations must be >= 1")
+    if args.max_turns < 1:
+        raise UsageError("--max_turns must be >= 1")
+    unknown = set(filter(None, args.tools.split(","))) - set(BUILTIN_TOOLS)
+    if unknown:
+        raise UsageError(f"--tools {args.tools}: unknown {', '.join(sorted(unknown))} (built in: "
+                         f"{', '.join(BUILTIN_TOOLS)})")
+    registry = ToolRegistry([BUILTIN_TOOLS[name]() for name in filter(None, args.tools.split(","))])
     if args.fsdp:  # the engine samples from whole weights; FSDP's are sharded across ranks
         raise UsageError("--fsdp 1 is not supported by train_grpo.py (rollouts need the whole model on each rank); "
                          "use DDP (torchrun without --fsdp)")
@@ -114,14 +131,18 @@ def main():
     def make_rollouts(step: int, micro: int, idx: list[int]):
         """Rollout -> rewards -> group advantages -> one packed row, for the prompts of one micro-batch."""
         batch = [train_prompts[i] for i in idx]
-        ro = rollout(policy, tokenizer, [pr.ids for pr in batch], G, args.max_gen_len, args.temperature,
-                     args.top_p, rollout_seeds(args.seed, step, micro * rt.world + rt.rank, len(batch) * G),
-                     args.rollout_batch or None)
+        seeds = rollout_seeds(args.seed, step, micro * rt.world + rt.rank, len(batch) * G)
+        if args.max_turns > 1:   # multi-turn: tool calls run, the model continues (MiniMind's train_agent.py)
+            ro = rollout_turns(policy, tokenizer, batch, G, args.max_gen_len, registry, args.max_turns,
+                               args.temperature, args.top_p, seeds, args.rollout_batch or None)
+        else:
+            ro = rollout(policy, tokenizer, [pr.ids for pr in batch], G, args.max_gen_len, args.temperature,
+                         args.top_p, seeds, args.rollout_batch or None)
         scored = [reward_of(text, batch[i // G]) for i, text in enumerate(ro.texts)]
         rewards = torch.tensor([r for r, _ in scored])
         correct = [parts["correct"] for _, parts in scored if parts["correct"] is not None]
         adv = group_advantages(rewards, G, bool(args.scale_rewards))
-        x, y, doc, adv_tok = pack_rollouts(ro.prompt_ids, ro.reply_ids, adv)
+        x, y, doc, adv_tok = pack_rollouts(ro.prompt_ids, ro.reply_ids, adv, ro.reply_masks)
         stats = torch.tensor([rewards.sum().item(), sum(correct), len(correct), len(rewards), ro.new_tokens,
                               ro.seconds], dtype=torch.float64)
         return [t.to(rt.device) for t in (x, y, doc, adv_tok)], stats

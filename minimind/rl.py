@@ -3,6 +3,7 @@
 One RL step, bottom up (train_grpo.py runs them in this order):
   load_prompts()      MiniMind's rlaif.jsonl / agent_rl*.jsonl and prompt+answer JSONL -> rendered prompts
   rollout()           num_generations replies per prompt from the batched static-cache Engine (generate.py)
+  rollout_turns()     the same, multi-turn: tool calls are run (tools.py) and the model continues (train_agent)
   group_advantages()  GRPO: advantage = (r - mean) / std within each prompt's group of replies
   pack_rollouts()     prompt+reply sequences packed end to end in ONE row, doc_ids per sequence (as SFT packing):
                       attention stays inside each sequence and nothing is padded, so memory grows with real tokens
@@ -22,6 +23,7 @@ from .generate import SamplingParams, generate
 from .jsonio import json_lines
 from .loss import IGNORE, token_logprobs
 from .tokenizer import Tokenizer, check_chat
+from .tools import ToolRegistry, parse_reply
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -115,12 +117,10 @@ class Rollouts:
     """num_generations replies to each prompt, prompt-major: reply i answers prompt i // num_generations."""
     prompt_ids: list[list[int]]
     reply_ids: list[list[int]]     # the sampled tokens, plus the stop token (<|im_end|>) when the reply ended
-    texts: list[str]               # the reply as text (stop token not included)
+    texts: list[str]               # the reply as text (stop token not included); multi-turn: the turns joined
     seconds: float                 # wall time of generation (rollout tokens/s = new tokens / seconds)
-
-    @property
-    def new_tokens(self) -> int:
-        return sum(len(r) for r in self.reply_ids)
+    new_tokens: int                # tokens the model sampled
+    reply_masks: list[list[int]] | None = None   # multi-turn: 1 = the model wrote it, 0 = a tool result
 
 
 def rollout_seeds(seed: int, step: int, slot: int, n: int) -> list[int]:
@@ -152,7 +152,72 @@ def rollout(model, tokenizer: Tokenizer, prompts: list[list[int]], num_generatio
     texts = [tokenizer.decode(ids) for ids in out]
     # A reply that ended on <|im_end|> is trained on that token too: the policy must learn when to stop.
     replies = [ids + [tokenizer.eos_id] if why == "stop" else ids for ids, why in zip(out, reasons)]
-    return Rollouts(expanded, replies, texts, seconds)
+    return Rollouts(expanded, replies, texts, seconds, sum(len(ids) for ids in out))
+
+
+def rollout_turns(model, tokenizer: Tokenizer, prompts: list[Prompt], num_generations: int, max_gen_len: int,
+                  registry: ToolRegistry, max_turns: int, temperature: float = 1.0, top_p: float = 1.0,
+                  seeds: list[int] | None = None, batch_size: int | None = None) -> Rollouts:
+    """Multi-turn rollouts (MiniMind's train_agent.py): a reply that calls tools gets their results and writes
+    the next turn, up to max_turns replies per conversation.
+
+    Token-exact: every turn is generated from the conversation's token ids so far (prompt, the model's own
+    sampled tokens, the tool results), and those same ids are what the policy is trained on; nothing is
+    re-rendered from text. A tool result enters as the template writes it after an assistant turn (tool turns +
+    the next generation prompt) and is masked out of the loss (reply_masks 0). Tools run through `registry`
+    (opt-in, tools.py); a call to a tool it lacks gets {"error": ...} back, as at inference.
+    """
+    G, eos = num_generations, tokenizer.eos_id
+    convs = [prompts[i // G] for i in range(len(prompts) * G)]
+    seqs = [list(p.ids) for p in convs]                   # each conversation's ids so far
+    masks: list[list[int]] = [[] for _ in convs]          # over seqs[i][len(prompt):]
+    history = [list(p.messages) for p in convs]           # the same conversation as messages (for the template)
+    texts: list[list[str]] = [[] for _ in convs]
+    seeds = seeds or [None] * len(convs)
+    limit = model.config.max_position_embeddings - max_gen_len
+    active, new_tokens, t0 = list(range(len(convs))), 0, time.perf_counter()
+    was_training = model.training
+    for turn in range(max_turns):
+        params = [SamplingParams(max_new_tokens=max_gen_len, temperature=temperature, top_p=top_p, stop_ids=(eos,),
+                                 seed=None if seeds[i] is None else (seeds[i] + 7919 * turn) & 0x7FFF_FFFF_FFFF_FFFF)
+                  for i in active]
+        out, reasons = generate(model, [seqs[i] for i in active], params, batch_size=batch_size,
+                                return_finish_reasons=True)
+        going = []
+        for i, ids, why in zip(active, out, reasons):
+            reply = ids + [eos] if why == "stop" else ids
+            seqs[i] += reply
+            masks[i] += [1] * len(reply)
+            new_tokens += len(ids)
+            text = tokenizer.decode(ids)
+            texts[i].append(text)
+            parsed = parse_reply(text, thinking=convs[i].think_opened)
+            if why != "stop" or not parsed.tool_calls or turn == max_turns - 1:
+                continue                                   # answered, cut off, or out of turns
+            said = parsed.message()
+            results = [{"role": "tool", "tool_call_id": c["id"], "name": c["function"]["name"],
+                        "content": registry.run(c)} for c in parsed.tool_calls]
+            think = convs[i].think_opened or None
+            before = tokenizer.render_text(history[i] + [said], tools=convs[i].tools, thinking=think)
+            after = tokenizer.render_text(history[i] + [said] + results, add_generation_prompt=True,
+                                          tools=convs[i].tools, thinking=think)
+            if not after.startswith(before) or not before.endswith("\n"):
+                continue                                   # a template that rewrites earlier turns: stop here
+            # our ids end at <|im_end|>; the template's text continues with "\n", the tool turns, the next prompt
+            observed = tokenizer.encode(after[len(before) - 1:])
+            if len(seqs[i]) + len(observed) > limit:
+                continue
+            seqs[i] += observed
+            masks[i] += [0] * len(observed)
+            history[i] += [said] + results
+            going.append(i)
+        active = going
+        if not active:
+            break
+    model.train(was_training)
+    replies = [s[len(p.ids):] for s, p in zip(seqs, convs)]
+    return Rollouts([p.ids for p in convs], replies, ["\n".join(t) for t in texts], time.perf_counter() - t0,
+                    new_tokens, masks)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,7 +240,8 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale: bool = 
 # ---------------------------------------------------------------------------------------------------------------
 # Packing rollouts for the policy's forward
 # ---------------------------------------------------------------------------------------------------------------
-def pack_rollouts(prompt_ids: list[list[int]], reply_ids: list[list[int]], advantages: torch.Tensor):
+def pack_rollouts(prompt_ids: list[list[int]], reply_ids: list[list[int]], advantages: torch.Tensor,
+                  reply_masks: list[list[int]] | None = None):
     """All prompt+reply sequences end to end in one row: (x, targets, doc_ids) each (1, N), and the advantage of
     each scored token (K,), in the order reply_logprobs returns them.
 
@@ -183,14 +249,16 @@ def pack_rollouts(prompt_ids: list[list[int]], reply_ids: list[list[int]], advan
     doc_ids numbers the sequences, so attention stays inside each (AttentionMask.documents) and positions restart
     at 0 per sequence: each sequence is computed exactly as if alone, with no padding anywhere (a padded batch
     would be B x max_len, and its attention B x max_len^2).
+    reply_masks (multi-turn): 0 marks reply positions the model did not write (tool results): no loss there.
     """
     xs, ys, docs, adv = [], [], [], []
     for d, (p, r) in enumerate(zip(prompt_ids, reply_ids)):
         seq = p + r
+        m = reply_masks[d] if reply_masks is not None else [1] * len(r)
         xs += seq[:-1]
-        ys += [IGNORE] * (len(p) - 1) + r
+        ys += [IGNORE] * (len(p) - 1) + [t if keep else IGNORE for t, keep in zip(r, m)]
         docs += [d] * (len(seq) - 1)
-        adv += [float(advantages[d])] * len(r)
+        adv += [float(advantages[d])] * sum(m)
     row = lambda v: torch.tensor([v], dtype=torch.long)  # noqa: E731
     return row(xs), row(ys), row(docs), torch.tensor(adv, dtype=torch.float32)
 

@@ -17,7 +17,7 @@ from minimind.model import MiniMindForCausalLM
 from minimind.rewards import (correctness, format_ok, gt_hits, load_reward_fn, parse_number, repetition, score,
                               tool_validity)
 from minimind.rl import (Prompt, group_advantages, heldout_reward, load_prompts, pack_rollouts, policy_loss,
-                         reply_logprobs, rollout)
+                         reply_logprobs, rollout, rollout_turns)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,3 +298,40 @@ def test_train_grpo_refuses_unanswered_prompts(tmp_path, tokenizer):
     r = run_script("train_grpo.py", "--from_weight", tmp_path / "sft", "--data_path", f, "--out_dir", tmp_path / "o")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "rlaif.jsonl:1:" in r.stderr
     assert "--reward module:function" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-turn rollouts (train_agent-style): tool calls run, the model continues, tool results are not trained on
+# ---------------------------------------------------------------------------------------------------------------
+def test_multi_turn_rollouts_run_tools_token_exactly(tokenizer):
+    from test_tools import MATH, train_tool_model        # a tiny model that learnt to call the calculator
+    from minimind.tools import ToolRegistry, calculator
+    model = train_tool_model(tokenizer)
+    reg = ToolRegistry([calculator()])
+    tools = reg.schemas()
+    ids = tokenizer.render_chat([MATH[0]], add_generation_prompt=True, tools=tools)[0]
+    prompt = Prompt(ids, [MATH[0]], "9472", None, tools, False, {})
+    ro = rollout_turns(model, tokenizer, [prompt], 2, 40, reg, max_turns=3, temperature=0.0)
+    assert len(ro.reply_ids) == 2 and ro.reply_masks is not None
+    for reply, mask, text in zip(ro.reply_ids, ro.reply_masks, ro.texts):
+        assert len(reply) == len(mask) and 0 in mask and mask[0] == 1
+        # the model's own tokens, then the tool result as the template writes it, then the model again
+        written = tokenizer.decode([t for t, m in zip(reply, mask) if m])
+        observed = tokenizer.decode([t for t, m in zip(reply, mask) if not m])
+        assert "<tool_call>" in written and "9472" in written.split("</tool_call>")[-1]
+        assert '{"result": "9472"}' in observed and "<tool_response>" in observed and "<tool_call>" not in observed
+        assert "256 * 37 = 9472." in text and score(text, vars(prompt))[1]["correct"] == 1.0
+    assert ro.new_tokens == sum(sum(m) for m in ro.reply_masks) - 2 * 2   # sampled tokens; the 2 <|im_end|> each
+    # the same conversation as messages (tools.tool_loop), rendered by the template: the very same ids
+    from minimind.tools import tool_loop
+    messages = [MATH[0], *tool_loop(model, tokenizer, [MATH[0]], reg, max_rounds=3, max_new_tokens=40)]
+    rendered = tokenizer.render_chat(messages, tools=tools)[0]
+    assert ro.prompt_ids[0] + ro.reply_ids[0] == rendered[:len(ro.prompt_ids[0]) + len(ro.reply_ids[0])]
+    assert tokenizer.decode(rendered[len(ro.prompt_ids[0]) + len(ro.reply_ids[0]):]).strip() == ""
+    # packing: the tool result carries no target, every token the model wrote does
+    x, y, doc, adv = pack_rollouts(ro.prompt_ids, ro.reply_ids, torch.tensor([1.0, -1.0]), ro.reply_masks)
+    assert int((y != IGNORE).sum()) == len(adv) == sum(sum(m) for m in ro.reply_masks)
+    assert len(reply_logprobs(model, x, y, doc)) == len(adv)
+    # one turn only: the call is made, nothing runs
+    one = rollout_turns(model, tokenizer, [prompt], 1, 40, reg, max_turns=1, temperature=0.0)
+    assert all(set(m) == {1} for m in one.reply_masks) and "<tool_call>" in one.texts[0]
