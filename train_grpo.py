@@ -75,7 +75,8 @@ def main():
     g.add_argument("--tool_weight", type=float, default=0.5, help="reward spread between valid and invalid tool calls")
     g.add_argument("--repetition_weight", type=float, default=0.5, help="penalty per share of repeated word 3-grams")
     g.add_argument("--eval_prompts", type=int, default=32,
-                   help="with --eval_interval: held-out prompts (the last ones) scored greedily every N steps")
+                   help="with --eval_interval: held-out prompts (the last ones) scored greedily every N steps "
+                        "(one turn each, also with --max_turns)")
     args = p.parse_args()
     if args.num_generations < 2:
         raise UsageError("--num_generations must be >= 2: GRPO compares replies to the same prompt")
