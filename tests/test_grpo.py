@@ -137,7 +137,9 @@ def test_load_prompts_formats(tmp_path, tokenizer):
     prompts, dropped = load_prompts(str(f), tokenizer, 512)
     assert dropped == 0 and [p.reference for p in prompts] == ["4", "#### 72".join(["She sold 48/2 = 24 ... ", ""]), None]
     assert prompts[2].gt == ["7.21"] and prompts[2].tools[0]["function"]["name"] == "calc"
-    assert tokenizer.decode(prompts[0].ids).endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(prompts[0].ids).endswith("<|im_start|>assistant\n") and not prompts[0].think_opened
+    thinking, _ = load_prompts(str(f), tokenizer, 512, thinking_ratio=1.0)        # MiniMind's --thinking_ratio
+    assert all(p.think_opened for p in thinking) and tokenizer.decode(thinking[0].ids).endswith("<think>\n")
     rlaif = tmp_path / "rlaif.jsonl"
     rlaif.write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"},
                                                    {"role": "assistant", "content": "hello"}]}) + "\n")
