@@ -71,6 +71,15 @@ MODULES = (
 TINY_MODULES = ("builtins", "collections", "functools", "itertools", "json", "math", "os.path", "random", "re",
                 "string", "textwrap")
 
+# Never read by build(): standard-library modules whose docstrings stay out of every training file, so that
+# demo_set() can measure perplexity on documentation (and Q&A about it) that no stage has seen.
+HELDOUT_MODULES = (
+    "atexit", "codeop", "copyreg", "dbm.dumb", "email.generator", "email.header", "email.parser", "logging.config",
+    "modulefinder", "netrc", "pickletools", "profile", "pydoc", "runpy", "symtable", "sys", "sysconfig", "tabnanny",
+    "token", "trace", "urllib.error", "urllib.robotparser", "venv", "wave", "webbrowser", "wsgiref.headers",
+    "wsgiref.simple_server", "xml.dom.pulldom", "xml.sax.saxutils", "zipapp",
+)
+
 # Where an object's __module__ may legitimately point for it to count as "defined by" the module we list it under:
 # the OS-specific implementation modules behind os and os.path.
 _IMPL_MODULES = ("posix", "nt", "posixpath", "ntpath", "genericpath")
@@ -656,6 +665,124 @@ def build(out_dir: str = DEFAULT_OUT_DIR, seed: int = 0, tiny: bool = False,
         paths[name] = os.path.join(out_dir, f"{name}.jsonl")
         write_jsonl(paths[name], records)
     return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the demo asks (demo_report.py): fixed questions, and held-out text for perplexity
+# ---------------------------------------------------------------------------------------------------------------
+DEMO_SIG_CHARS = 60  # scored signature questions: answers short enough to fit the demo's reply length
+
+
+def demo_set(seed: int = 0, tiny: bool = False, n_each: int = 10, n_choices: int = 4, n_texts: int = 40,
+             n_chats: int = 60) -> dict:
+    """Rebuild, in memory, what build(seed=seed, tiny=tiny) writes, and return what the demo asks about it:
+
+      questions  {"kind": "module" | "sig", "group", "question", "expected", "reference"}; n_each of every kind in
+                 every group: "seen" = asked word for word in sft.jsonl; "rephrased" = a fact sft.jsonl teaches, asked
+                 in another of the builder's templates, worded as no training file words it; "new" = neither the
+                 question nor its answer is in sft.jsonl or dpo.jsonl (pretrain.jsonl does hold the docstring the
+                 answer comes from). "expected" is the module name ("builtins" for a built-in) or the exact
+                 `qualname(signature)`. Signatures longer than DEMO_SIG_CHARS are not asked. "choices": the
+                 right reply first, then n_choices - 1 wrong ones phrased like it (another module / another
+                 function's signature, as dpo.jsonl's rejected replies are made).
+      texts      documentation chunks from HELDOUT_MODULES, formatted like pretrain.jsonl ("name(sig)\n\ndoc")
+      chats      single-turn Q&A conversations about HELDOUT_MODULES, built like sft.jsonl
+      modules    the module names a "which module" answer may name
+      asked      every user turn of sft.jsonl and dpo.jsonl (a set), to tell a newcomer which prompts were trained
+
+    Deterministic (fixed seeds, sorted inputs), like build(); the defaults of n_sft/n_dpo are build()'s.
+    """
+    n_sft, n_dpo = (300, 100) if tiny else (6000, 2000)
+
+    def rng(name):
+        return random.Random(f"{seed}:{name}")
+
+    topics = collect_topics()
+    module_docs, entries = collect(TINY_MODULES if tiny else MODULES, progress=False)
+    items, module_names = _qa_items(topics, module_docs, entries, rng("items"))
+    sft = make_sft(items, entries, rng("sft"), n_sft)
+    dpo = make_dpo(items, module_names, rng("dpo"), n_dpo)
+    asked, answered = set(), []
+    for msgs in [r["conversations"] for r in sft] + [r["chosen"] for r in dpo]:
+        for m in msgs:
+            if m["role"] == "user":
+                asked.add(m["content"])
+            elif m["role"] == "assistant":
+                answered.append(m["content"])
+    sft_asked = {m["content"] for r in sft for m in r["conversations"] if m["role"] == "user"}
+    answered_text = "\n".join(answered)
+
+    def expected(item):
+        kind, e = item[0], item[1]
+        return e.module if kind == "module" else f"{e.qual}{e.sig}"
+
+    def answer_taught(item) -> bool:
+        """Whether a training reply states this fact (possibly to another question, e.g. in a multi-turn chat)."""
+        kind, e = item[0], item[1]
+        if kind == "sig":
+            return f"`{e.qual}{e.sig}`" in answered_text
+        if e.module == "builtins":
+            return BUILTIN_ANSWER.format(n=e.short) in answered_text
+        return any(a.format(n=e.short, m=e.module) in answered_text for a in MODULE_ANSWERS)
+
+    def askable(item) -> bool:
+        return item[0] == "module" or len(expected(item)) <= DEMO_SIG_CHARS
+
+    def rephrase(item) -> str | None:
+        """The same question in another of the builder's templates, worded as nothing in the training files."""
+        kind, e = item[0], item[1]
+        forms = ([t.format(n=e.short) for t in WHICH_MODULE] if kind == "module"
+                 else [t.format(q=e.qual) for t, _ in SIGNATURE])
+        start = forms.index(item[2]) if item[2] in forms else 0
+        for f in forms[start + 1:] + forms[:start]:
+            if f not in asked:
+                return f
+        return None
+
+    items_by_kind: dict[str, list] = {}
+    for it in items:
+        items_by_kind.setdefault(it[0], []).append(it)
+    pick = rng("demo")
+    questions = []
+
+    def add(kind, group, item, question):
+        choices = [item[3]]   # the right reply, then n_choices - 1 wrong ones phrased like it (as in dpo.jsonl)
+        for _ in range(20 * n_choices):
+            if len(choices) == n_choices:
+                break
+            wrong = _wrong_answer(item, items_by_kind, module_names, pick)
+            if wrong is not None and wrong not in choices:
+                choices.append(wrong)
+        questions.append(dict(kind=kind, group=group, question=question, expected=expected(item), reference=item[3],
+                              choices=choices))
+
+    for kind in ("module", "sig"):
+        new = [it for it in items if it[0] == kind and askable(it) and it[2] not in asked and not answer_taught(it)]
+        taught = [it for it in items if it[0] == kind and askable(it) and it[2] in sft_asked]
+        taught = pick.sample(taught, min(3 * n_each, len(taught)))
+        for it in taught[:n_each]:
+            add(kind, "seen", it, it[2])
+        for it in [it for it in taught[n_each:] if rephrase(it)][:n_each]:
+            add(kind, "rephrased", it, rephrase(it))
+        for it in pick.sample(new, min(n_each, len(new))):
+            add(kind, "new", it, it[2])
+
+    # Held-out modules: documentation text and Q&A that no training file contains (exact duplicates dropped).
+    train_docs = {e.doc for e in entries} | {doc for _, doc in module_docs}
+    h_module_docs, h_entries = collect(HELDOUT_MODULES, progress=False)
+    h_module_docs = [(n, d) for n, d in h_module_docs if d not in train_docs]
+    h_entries = [e for e in h_entries if e.doc not in train_docs]
+    texts = []
+    for name, doc in h_module_docs:
+        texts += chunk(f"The {name} module\n\n{doc}")
+    for e in h_entries:
+        texts += chunk(f"{e.qual}{e.sig or ''}\n\n{e.doc}")
+    texts = list(dict.fromkeys(t for t in texts if len(t) >= 40))
+    texts = pick.sample(texts, min(n_texts, len(texts)))
+    h_items, _ = _qa_items([], h_module_docs, h_entries, rng("heldout-items"))
+    h_items = pick.sample(h_items, min(n_chats, len(h_items)))
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for _, _, q, a, _ in h_items]
+    return dict(questions=questions, texts=texts, chats=chats, modules=["builtins"] + module_names, asked=asked)
 
 
 def main(argv=None) -> None:
