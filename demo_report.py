@@ -6,7 +6,8 @@
 Everything it prints is measured now, on questions and text that dataset/build_default.py's demo_set() rebuilds
 deterministically from the same code and seed as the training files:
   1. the training loss of each stage (first and last logged value) and the loss-curve PNGs;
-  2. the same prompts answered by all three models (greedy decoding, our engine);
+  2. the same prompts answered by all three models (greedy decoding, our engine), under the answer the data's
+     own code gives (the docstring's first paragraph, the module, the signature);
   3. the identity questions in English and Chinese, against the answer the data teaches;
   4. the hit rate on 60 fixed questions in the builder's templates ("Which module provides `x`?", "What is
      the signature of `f`?"), in three groups: asked word for word in sft.jsonl ("seen"); a fact sft.jsonl
@@ -48,6 +49,11 @@ COMPARE_PROMPTS = [
     "What is the signature of `math.gcd`?",
     "`json.dumps` 是做什么的？",
 ]
+# What each comparison prompt asks about: (kind, object), so the printout can show the answer the data would give.
+COMPARE_FACTS = {
+    COMPARE_PROMPTS[0]: ("what", "os.path.join"), COMPARE_PROMPTS[1]: ("module", "collections.deque"),
+    COMPARE_PROMPTS[2]: ("sig", "math.gcd"), COMPARE_PROMPTS[3]: ("what", "json.dumps"),
+}
 IDENTITY_PROMPTS = [("Who are you?", build_default.IDENTITY_EN), ("你是谁？", build_default.IDENTITY_ZH)]
 WIDTH = 150  # replies are shown on one line, cut to this many characters
 
@@ -81,6 +87,20 @@ def trivial_guess(question: dict, modules_asked: list[str]) -> bool:
         return question["expected"] == max(sorted(set(modules_asked)), key=modules_asked.count)
     name = re.search(r"`([^`]+)`", question["question"]).group(1)
     return question["expected"] == f"{name}()"
+
+
+def data_answer(kind: str, dotted: str) -> str | None:
+    """The answer the builder's code gives for this object on this Python (docstring / module / signature)."""
+    module_name, _, attr = dotted.rpartition(".")
+    obj = getattr(build_default.import_quietly(module_name), attr, None)
+    if obj is None:
+        return None
+    if kind == "module":
+        return f"`{module_name}`"
+    if kind == "sig":
+        sig = build_default._signature(obj, False)
+        return f"`{dotted}{sig}`" if sig else None
+    return build_default.first_paragraph(build_default._own_doc(obj), min_chars=40) or None
 
 
 def one_line(text: str, width: int = WIDTH) -> str:
@@ -231,6 +251,9 @@ def main(argv=None):
     print("\n[2] the same prompts, three models")
     for q in COMPARE_PROMPTS:
         print(f"  👤 {q}   ({'asked in' if q in demo['asked'] else 'not in'} the training files)")
+        want = data_answer(*COMPARE_FACTS[q]) if q in COMPARE_FACTS else None
+        if want:
+            print(f"     {'(right)':8} {one_line(want)}")
         for stage in STAGES:
             print(f"     {stage:8} {one_line(results[stage]['replies'][q])}")
 

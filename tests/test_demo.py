@@ -95,6 +95,7 @@ def test_report_on_three_small_models(tmp_path, tokenizer, capsys):
                  "[5] the same 60 questions as multiple choice", "[6] held-out perplexity"):
         assert head in out
     assert "5.00 -> 2.50 after 9 steps" in out and "pretrain  no metrics.jsonl" in out
+    assert "(right)  `collections`" in out and "(right)  `math.gcd(" in out   # the data's answers, beside
     assert out.count("👤") == len(demo_report.COMPARE_PROMPTS) + len(demo_report.IDENTITY_PROMPTS)
     report = json.loads((tmp_path / "demo" / "report.json").read_text(encoding="utf-8"))
     assert set(report["stages"]) == set(demo_report.STAGES)
