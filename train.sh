@@ -5,8 +5,9 @@
 #   bash train.sh                       # embedded offline demo: tiny model, ~10 minutes on a 2-core CPU
 #   bash train.sh --quick               # the same pipeline in about a minute (what the tests run)
 #   bash train.sh --with lora,distill   # also LoRA (adapter + merge) and distillation into a smaller student
-#   bash train.sh --preset 64M --pretrain_data dataset/minimind/pretrain_hq.jsonl \
-#        --sft_data dataset/minimind/sft_mini_512.jsonl --dpo_data dataset/minimind/dpo.jsonl   # a real run
+#   bash train.sh --preset 64M --pretrain_data dataset/minimind/pretrain_t2t_mini.jsonl \
+#        --sft_data dataset/minimind/sft_t2t_mini.jsonl --dpo_data dataset/minimind/dpo.jsonl \
+#        -- --max_seq_len 768                                     # a real run on MiniMind-3's files
 #
 # Every flag after `--` goes to every train_*.py (e.g. `-- --device cuda --use_compile 1`).
 set -euo pipefail
@@ -27,7 +28,8 @@ flags:
   --out DIR              where the stage directories go (default: out)
   --quick                tiny data and a few steps: checks the whole pipeline in about a minute
   --with STAGES          extra stages, comma-separated: lora (adapter on the SFT model, then merged), distill
-                         (a half-width student learns from the SFT model's logits)
+                         (a half-width student learns from the SFT model's logits), grpo (RL on the SFT model:
+                         arithmetic prompts with verifiable answers, built offline by dataset/build_rl.py)
 EOF
 }
 while [[ $# -gt 0 ]]; do
@@ -110,8 +112,21 @@ if [[ $WITH == *,distill,* ]]; then
       --data_path "$SFT_DATA" --out_dir "$OUT/distill" "${SFT[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
 fi
 
+if [[ $WITH == *,grpo,* ]]; then
+  stage "extra: GRPO on the SFT model, arithmetic with verifiable answers -> $OUT/grpo"
+  $PY dataset/build_rl.py --out "$OUT/rl.jsonl" $([[ $QUICK == 1 ]] && echo "--n 64")
+  $PY train_grpo.py --from_weight "$OUT/sft" --data_path "$OUT/rl.jsonl" --out_dir "$OUT/grpo" --batch_size 4 \
+      --num_generations 4 --learning_rate 1e-5 --max_gen_len $([[ $QUICK == 1 ]] && echo "16 --max_steps 3" || echo "48 --max_steps 60") \
+      ${EXTRA[@]+"${EXTRA[@]}"}
+fi
+
 # --- 6. talk to it ----------------------------------------------------------------------------------------------
-stage "6/6 chat: fixed demo prompts, greedy decoding"
-$PY eval_model.py --load_from "$OUT/dpo" --prompts --max_new_tokens $([[ $QUICK == 1 ]] && echo 24 || echo 96)
+if [[ $DEMO == 1 ]]; then  # what each stage learned: the three models side by side, hit rate, held-out perplexity
+  stage "6/6 demo report: pretrain vs SFT vs DPO on fixed and held-out questions"
+  $PY demo_report.py "$OUT" $([[ $QUICK == 1 ]] && echo "--tiny --max_new_tokens 24")
+else
+  stage "6/6 chat: fixed demo prompts, greedy decoding"
+  $PY eval_model.py --load_from "$OUT/dpo" --prompts --max_new_tokens $([[ $QUICK == 1 ]] && echo 24 || echo 96)
+fi
 echo
 echo "done in $(( $(date +%s) - t_start )) s. Chat yourself: python eval_model.py --load_from $OUT/dpo"

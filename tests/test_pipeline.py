@@ -1,4 +1,4 @@
-"""README command 1, CI-sized: `bash train.sh --quick` runs every stage and the final chat prints answers."""
+"""README command 1, CI-sized: `bash train.sh --quick` runs every stage and ends with the demo report."""
 import json
 import os
 import subprocess
@@ -26,11 +26,23 @@ def test_train_sh_quick_runs_every_stage(tmp_path):
     # pretraining made progress on the tiny corpus
     pre = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert pre[-1]["loss"] < pre[0]["loss"] - 1.0, (pre[0]["loss"], pre[-1]["loss"])
-    # the final chat answered each demo prompt
-    from eval_model import DEMO_PROMPTS
-    for prompt in DEMO_PROMPTS:
+    # the last stage is the demo report: every section, every stage's row, numbers that were measured
+    import demo_report
+    for head in ("[1] training loss", "[2] the same prompts, three models", "[3] identity", "[4] 60 fixed questions",
+                 "[5] the same 60 questions as multiple choice", "[6] held-out perplexity"):
+        assert head in proc.stdout, head
+    for prompt in demo_report.COMPARE_PROMPTS + [q for q, _ in demo_report.IDENTITY_PROMPTS]:
         assert f"👤 {prompt}" in proc.stdout
-    assert proc.stdout.count("🤖 ") == len(DEMO_PROMPTS)
+    assert "trivial guesser" in proc.stdout
+    assert "/pretrain/metrics.png" in proc.stdout or "not drawn (matplotlib missing" in proc.stdout
+    report = json.loads((out / "demo" / "report.json").read_text(encoding="utf-8"))
+    for stage in ("pretrain", "sft", "dpo"):
+        s = report["stages"][stage]
+        assert s["heldout_total"] == 40 and 0 <= s["heldout_hits"] <= 40 and s["loss"]["steps"] > 0
+        assert 1 < s["ppl_heldout_text"] < 1e5 and 1 < s["ppl_heldout_chat"] < 1e5
+    assert report["stages"]["sft"]["loss"]["last"] < report["stages"]["sft"]["loss"]["first"]
+    # SFT taught the chat format: held-out Q&A chats are far less surprising after it
+    assert report["stages"]["sft"]["ppl_heldout_chat"] < report["stages"]["pretrain"]["ppl_heldout_chat"]
     assert "done in" in proc.stdout
 
 
