@@ -4,7 +4,7 @@ setup(
     name="minimind",
     version="0.1.0",
     description="Train small language models from scratch in plain PyTorch: tokenizer, pretraining, SFT, LoRA, "
-                "DPO, evaluation, chat and an OpenAI-compatible server.",
+                "DPO, GRPO, evaluation, chat with tools and an OpenAI-compatible server.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
