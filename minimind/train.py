@@ -1,8 +1,9 @@
-"""The pieces every train_*.py shares: flags, the model as trained, the optimizer step, and run control.
+"""The pieces every train_*.py shares: the model as trained, the optimizer step, run control and evaluation.
 
-No trainer class: each script keeps its own loop, top to bottom, and calls these. Where it runs (device, dtype,
-ranks) is runtime.py; checkpoints and exact resume are resume.py; the progress bar and metrics are runlog.py.
-Sections: flags -> model and optimizer -> the step -> faults (NaN, signals) and run control -> evaluation.
+No trainer class: each script keeps its own loop, top to bottom, and calls these. Flags are flags.py; where it runs
+(device, dtype, ranks) is runtime.py; optimizers and schedules are optim.py; checkpoints and exact resume are
+resume.py; the progress bar and metrics are runlog.py.
+Sections: model -> the step -> faults (NaN, signals, time budget) and run control -> evaluation.
 """
 from __future__ import annotations
 
