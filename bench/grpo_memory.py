@@ -116,14 +116,12 @@ def one_step(args) -> dict:
 def minimind_step(args) -> dict:
     """One step of MiniMind's own grpo_train_epoch (trainer/train_grpo.py), timed and measured."""
     import argparse as ap
-    import types
     repo = os.path.abspath(args.minimind_repo)
     if not os.path.isfile(os.path.join(repo, "trainer", "train_grpo.py")):
         sys.exit(f"error: {repo}: no trainer/train_grpo.py (clone github.com/jingyaogong/minimind there)")
-    stub = types.ModuleType("datasets")      # imported by it, used only by its JSONL loader (not called here)
-    for name in ("load_dataset", "Features", "Sequence", "Value"):
-        setattr(stub, name, None)
-    sys.modules.setdefault("datasets", stub)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from minimind_shim import stub_datasets
+    stub_datasets()                          # imported by it, used only by its JSONL loader (not called here)
     sys.path.insert(0, repo)
     from model.model_minimind import MiniMindConfig, MiniMindForCausalLM as TheirModel
     from transformers import AutoTokenizer

@@ -26,11 +26,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import json
 import statistics
 import sys
 import time
-import types
 
 import torch
 
@@ -42,20 +40,14 @@ from minimind import DEFAULT_TOKENIZER  # noqa: E402
 from minimind.data import PackedWindows, pretokenize  # noqa: E402
 from minimind.tokenizer import Tokenizer  # noqa: E402
 from minimind.flags import add_common_args  # noqa: E402
+from minimind_shim import stub_datasets  # noqa: E402
 from train_throughput import Runner  # noqa: E402
 
 
 def import_minimind(repo: str):
     """MiniMind's model and dataset modules from a clone. Without the `datasets` package, its load_dataset('json')
     is stood in by a plain JSON-lines reader (the dataset code itself runs unchanged)."""
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        def load_dataset(kind, data_files, split="train"):
-            assert kind == "json" and split == "train"
-            with open(data_files, encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
-        sys.modules["datasets"] = types.SimpleNamespace(load_dataset=load_dataset)
+    stub_datasets()
     if not os.path.isfile(os.path.join(repo, "model", "model_minimind.py")):
         raise SystemExit(f"error: --minimind_repo {repo}: no model/model_minimind.py (git clone "
                          f"https://github.com/jingyaogong/minimind there)")

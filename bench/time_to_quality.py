@@ -48,20 +48,11 @@ sys.path.insert(0, ROOT)
 # ---------------------------------------------------------------------------------------------------------------
 def launch_minimind(repo: str, snap_dir: str, threads: int, argv: list[str]) -> None:
     import runpy
-    import types
     import torch
     torch.set_num_threads(threads)
-    try:
-        import datasets  # noqa: F401
-    except ImportError:   # MiniMind's PretrainDataset calls load_dataset('json', data_files=..., split='train')
-        def load_dataset(kind, data_files, split="train", **kw):
-            with open(data_files, encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
-
-        def schema(*a, **kw):  # Features / Sequence / Value: only schema hints for its other datasets
-            return None
-        sys.modules["datasets"] = types.SimpleNamespace(load_dataset=load_dataset, Features=schema,
-                                                        Sequence=schema, Value=schema)
+    sys.path.insert(0, HERE)
+    from minimind_shim import stub_datasets
+    stub_datasets()   # MiniMind's PretrainDataset calls load_dataset('json', ...)
     sys.path = [q for q in sys.path if os.path.abspath(q or ".") != ROOT]   # our dataset/ must not shadow its
     save = torch.save
 

@@ -22,9 +22,9 @@ import sys
 from dataclasses import dataclass
 
 from .errors import UsageError
+from .tokenizer import END_THINK, END_TOOL_CALL, THINK, TOOL_CALL
+from .tools import parse_call
 
-THINK, END_THINK = "<think>", "</think>"
-TOOL_CALL, END_TOOL_CALL = "<tool_call>", "</tool_call>"
 
 # A number as people write it: sign, thousands commas, decimals, a fraction. (?<![\w.]) keeps "x2" or "v1.2.3"
 # pieces from counting as numbers.
@@ -167,21 +167,10 @@ def tool_calls_in(reply: str) -> list[str]:
 
 
 def valid_tool_call(body: str, names: set[str]) -> bool:
-    """A call the runtime could execute: a JSON object {"name": a tool that exists, "arguments": an object (or a
-    JSON string holding one)}."""
-    try:
-        call = json.loads(body)
-    except json.JSONDecodeError:
-        return False
-    if not isinstance(call, dict) or call.get("name") not in names:
-        return False
-    args = call.get("arguments", {})
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            return False
-    return isinstance(args, dict)
+    """A call the runtime could execute: what tools.parse_call accepts (the parser inference uses), naming a tool
+    that exists."""
+    call = parse_call(body)
+    return call is not None and call["function"]["name"] in names
 
 
 def tool_validity(reply: str, tools) -> float | None:

@@ -135,13 +135,18 @@ def gather_to_rank0(obj, world: int) -> list | None:
     return out
 
 
+def max_over_ranks(x: float, world: int) -> float:
+    """The largest x over all ranks (a CPU all-reduce over the control group): every rank then uses one value."""
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
+    return float(t.item())
+
+
 def all_ranks_agree(flag: bool, world: int) -> bool:
     """True if flag is True on any rank (a CPU all-reduce over the control group): every rank decides alike."""
-    if world == 1:
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
-    return bool(t.item())
+    return bool(max_over_ranks(float(flag), world))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from . import runtime
 from .checkpoint import load_config, load_model, unwrap
 from .config import PRESETS, preset
 from .errors import TrainingError, UsageError
@@ -29,7 +28,7 @@ from .model import MiniMindForCausalLM
 from .optim import configure_optimizer, lr_at, lr_schedule, time_progress  # noqa: F401 - scripts import them here
 from .resume import RunState, list_checkpoints, save_checkpoint, save_final_model
 from .runlog import RunLog
-from .runtime import Runtime, all_ranks_agree, autocast, cleanup_distributed
+from .runtime import Runtime, all_ranks_agree, autocast, cleanup_distributed, max_over_ranks
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,15 +231,6 @@ class StopRequest:
         return flag
 
 
-def agreed_max(x: float, world: int) -> float:
-    """The largest x over all ranks (a CPU all-reduce over the control group): every rank then uses one value."""
-    if world == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=runtime._CONTROL_GROUP)
-    return float(t.item())
-
-
 def saved_time_used(out_dir: str) -> float:
     """Seconds of --time_budget the newest checkpoint had used (0 for a checkpoint written without a budget)."""
     found = list_checkpoints(out_dir)
@@ -272,7 +262,7 @@ class TimeBudget:
         if not self.budget_s:
             return False
         on_floor = time_progress(self.args) >= 1  # the same numbers lr_schedule used for this step
-        used = agreed_max(self.used0 + time.perf_counter() - self.t0, self.world)
+        used = max_over_ranks(self.used0 + time.perf_counter() - self.t0, self.world)
         self.args.time_used_s = used
         self.args.step_time_s = (used - self.used0) / max(1, done - self.start)  # mean step, evals included
         return on_floor or used >= self.budget_s
