@@ -191,7 +191,6 @@ def main(argv=None):
     texts_path, chats_path = os.path.join(demo_dir, "heldout_text.jsonl"), os.path.join(demo_dir, "heldout_chat.jsonl")
     write_jsonl(texts_path, [{"text": t} for t in demo["texts"]])
     write_jsonl(chats_path, [{"conversations": c} for c in demo["chats"]])
-    chat_texts = [Tokenizer.chat_text(c) for c in demo["chats"]]
 
     prompts = COMPARE_PROMPTS + [q for q, _ in IDENTITY_PROMPTS] + [q["question"] for q in questions]
     results = {}
@@ -203,6 +202,7 @@ def main(argv=None):
         replies = complete_chats(model, tok, [[{"role": "user", "content": q}] for q in prompts], batch_size=32,
                                  max_new_tokens=args.max_new_tokens, temperature=0.0)
         ppl_text = ev.perplexity(model, tok, demo["texts"], max_len=max_len, batch_size=16, progress=False)
+        chat_texts = [tok.render_text(c) for c in demo["chats"]]   # as this tokenizer's template writes them
         ppl_chat = ev.perplexity(model, tok, chat_texts, max_len=max_len, batch_size=16, progress=False)
         results[stage] = dict(
             params=sum(x.numel() for x in model.parameters()),

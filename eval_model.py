@@ -138,7 +138,7 @@ def main():
     if args.ppl_path or args.mc_path or args.gen_path:
         from minimind import evaluate as ev
         if args.ppl_path:
-            texts = ev.read_texts(args.ppl_path, limit=args.limit)
+            texts = ev.read_texts(args.ppl_path, tokenizer, limit=args.limit)
             res = ev.perplexity(model, tokenizer, texts, max_len=max_len, batch_size=args.batch_size)
             print(f"{args.ppl_path}: perplexity {res.perplexity:.3f} | bits per byte {res.bits_per_byte:.4f} | "
                   f"{res.tokens:,} tokens, {res.bytes:,} bytes, {res.documents:,} documents")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 import math
 import os
 import re
@@ -135,26 +134,22 @@ class PerplexityResult:
 
 
 def read_texts(path: str, tokenizer: Tokenizer | None = None, limit: int | None = None) -> list[str]:
-    """Texts of a JSONL file: {"text": ...} records, or chat records ({"conversations": [...]}) rendered as ChatML."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
+    """Texts of a JSONL file: {"text": ...} records, or chat records ({"conversations": [...]}) rendered as the
+    tokenizer's own chat template writes them (what the model was trained on); plain ChatML without a tokenizer."""
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for lineno, _, obj in json_lines(path):
+        if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+            texts.append(obj["text"])
+        elif isinstance(obj, dict) and isinstance(obj.get("conversations"), list):
+            conv = obj["conversations"]
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if isinstance(obj, dict) and isinstance(obj.get("text"), str):
-                texts.append(obj["text"])
-            elif isinstance(obj, dict) and isinstance(obj.get("conversations"), list):
-                texts.append(Tokenizer.chat_text(obj["conversations"]))
-            else:
-                raise DataError(f"{path}:{lineno}: expected {{\"text\": str}} or {{\"conversations\": [...]}}")
-            if limit and len(texts) >= limit:
-                break
+                texts.append(tokenizer.render_text(conv) if tokenizer is not None else Tokenizer.chat_text(conv))
+            except DataError as e:   # a record the template cannot write: say which line
+                raise DataError(f"{path}:{lineno}: {e}") from None
+        else:
+            raise DataError(f"{path}:{lineno}: expected {{\"text\": str}} or {{\"conversations\": [...]}}")
+        if limit and len(texts) >= limit:
+            break
     if not texts:
         raise DataError(f"{path}: no records")
     return texts

@@ -306,3 +306,22 @@ def test_eval_model_on_shared_mmlu(monkeypatch, capsys, model_dir, shared_data):
     assert code == 0
     assert "(examples from" in out and "en_mmlu.dev.jsonl" in out     # the dev split was found and used
     assert "57 subjects" in out or "subjects" in out
+
+
+def test_perplexity_reads_chats_as_the_tokenizers_template_writes_them(tmp_path, tokenizer):
+    """--ppl_path on chat records scores what the model trained on: tool calls and tool turns included (plain
+    ChatML would drop them), and a record the template cannot write is a FILE:LINE error."""
+    from minimind.errors import DataError
+    from minimind.evaluate import read_texts
+    conv = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+                "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+            {"role": "tool", "content": "21"}, {"role": "assistant", "content": "It is 21 °C."}]
+    f = tmp_path / "chats.jsonl"
+    f.write_text(json.dumps({"conversations": conv}) + "\n" + json.dumps({"text": "plain"}) + "\n")
+    texts = read_texts(str(f), tokenizer)
+    assert texts == [tokenizer.render_text(conv), "plain"] and "<tool_call>" in texts[0] and "21" in texts[0]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"conversations": [{"role": "user", "content": None}]}) + "\n")
+    with pytest.raises(DataError, match=rf"{bad}:1: "):
+        read_texts(str(bad), tokenizer)
