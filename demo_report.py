@@ -36,6 +36,7 @@ from minimind import evaluate as ev
 from minimind.checkpoint import load_model
 from minimind.errors import UsageError
 from minimind.generate import complete_chats
+from minimind.plot import read_metrics
 from minimind.runtime import pick_device, pick_dtype
 from minimind.tokenizer import Tokenizer
 
@@ -115,15 +116,7 @@ def loss_summary(stage_dir: str) -> dict | None:
     path = os.path.join(stage_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return None
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("loss"), (int, float)):
-                rows.append(row)
+    rows = [r for r in read_metrics(path) if isinstance(r.get("loss"), (int, float))]   # the latest run's lines
     if not rows:
         return None
     png = os.path.join(stage_dir, "metrics.png")

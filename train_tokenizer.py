@@ -16,7 +16,9 @@ import os
 
 from minimind import cli
 from minimind.checkpoint import atomic_dir
-from minimind.data import DataError, read_jsonl
+from minimind.data import read_jsonl
+from minimind.errors import DataError
+from minimind.datatools import detect_kind
 from minimind.tokenizer import train_bpe
 
 
@@ -35,13 +37,7 @@ def texts(paths: list[str], max_chars: int):
     """Every string a model will see: pretrain text, and each message of sft/dpo records."""
     seen = 0
     for path in paths:
-        with open(path, "rb") as f:  # detect the format from the first non-blank line
-            first = next((line for line in f if line.strip()), b"{}")
-        try:
-            keys = json.loads(first)
-        except json.JSONDecodeError:
-            raise DataError(f"{path}:1: invalid JSON") from None
-        kind = "pretrain" if "text" in keys else "sft" if "conversations" in keys else "dpo"
+        kind = detect_kind(path)  # pretrain / sft / dpo, from the first record's keys
         for rec in read_jsonl(path, kind):
             if kind == "pretrain":
                 parts = [rec["text"]]

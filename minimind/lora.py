@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import RUN_FILES, atomic_dir, load_config, load_model, save_model, unwrap, weights_file
 from .errors import CheckpointError
+from .jsonio import read_json_object
 from .errors import UsageError
 from .tokenizer import Tokenizer
 
@@ -211,11 +212,7 @@ def read_adapter_config(adapter_dir: str) -> dict:
     file = os.path.join(adapter_dir, ADAPTER_CONFIG)
     if not os.path.isfile(file):
         raise CheckpointError(f"{adapter_dir}: no {ADAPTER_CONFIG} (is this an adapter dir written by train_lora.py?)")
-    try:
-        with open(file, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: invalid JSON ({e.msg})") from None
+    cfg = read_json_object(file, CheckpointError)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{file}: peft_type {cfg['peft_type']!r} is not supported (only LORA)")
     for key in ("r", "lora_alpha", "target_modules"):
