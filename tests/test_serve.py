@@ -1,6 +1,7 @@
 """The OpenAI-compatible server, over real HTTP on a loopback port: the official openai client (stream and not),
 32 concurrent streams, bad requests, client disconnects, and the web page in headless Chromium."""
 import asyncio
+import contextlib
 import http.client
 import json
 import shutil
@@ -47,6 +48,13 @@ def server(tokenizer):
     # float64: batched and single-request sums agree to ~1e-15, so greedy replies must match exactly
     model = MiniMindForCausalLM(cfg).double().eval()
     app = create_app(model, tokenizer, "tiny", max_batch_size=8, max_seq_len=CONTEXT, default_temperature=0.0)
+    with serving(app) as url:
+        yield SimpleNamespace(url=url, app=app, model=model, tokenizer=tokenizer, sched=app.state.scheduler)
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Run the app under uvicorn on a free loopback port in a thread; yield its base URL; stop it after."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))                         # a free loopback port, held until uvicorn takes it
     port = sock.getsockname()[1]
@@ -57,10 +65,11 @@ def server(tokenizer):
     while not srv.started and time.time() < deadline:
         time.sleep(0.02)
     assert srv.started, "uvicorn did not start"
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", app=app, model=model, tokenizer=tokenizer,
-                          sched=app.state.scheduler)
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
 
 
 def reference(server, messages, max_tokens):
@@ -339,19 +348,8 @@ def tool_server(tokenizer):
     from test_tools import train_tool_model
     model = train_tool_model(tokenizer)
     app = create_app(model, tokenizer, "tools", max_batch_size=4, max_seq_len=512, default_temperature=0.0)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.02)
-    assert srv.started, "uvicorn did not start"
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", sched=app.state.scheduler)
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as url:
+        yield SimpleNamespace(url=url, sched=app.state.scheduler)
 
 
 def get_weather(city: str, temp: int) -> str:
