@@ -131,6 +131,8 @@ def main():
     p.add_argument("--ours", nargs="*", default=["same flags:"],
                    help='runs of ours, each "NAME:EXTRA FLAGS" (e.g. "muon:--optimizer muon --batch_size 6")')
     p.add_argument("--work", default=None, help="folder for data, runs and snapshots (default: a temp dir)")
+    p.add_argument("--score_only", action="store_true",
+                   help="score the snapshots of a finished run in --work again (no training)")
     p.add_argument("--smoke", action="store_true", help="tiny: 200 lines, d64 L2, seq 64 (checks it works)")
     args = p.parse_args()
     if args.smoke:
@@ -181,7 +183,8 @@ def main():
     for spec in args.ours:
         name, _, extra = spec.partition(":")
         out = os.path.join(work, "ours_" + "".join(c if c.isalnum() else "_" for c in name))
-        shutil.rmtree(out, ignore_errors=True)
+        if not args.score_only:
+            shutil.rmtree(out, ignore_errors=True)
         runs["ours: " + name] = [sys.executable, os.path.join(ROOT, "train_pretrain.py"), *map(str, flags),
                                  "--data_path", train_path, "--tokenizer", tok_dir, "--config", config,
                                  "--num_threads", str(args.threads), "--out_dir", out, "--keep_checkpoints", "0",
@@ -190,30 +193,44 @@ def main():
     # packed-window count is enough: tokens / max_seq_len windows, batch_size x accumulation per step.
     from minimind.data import PackedWindows, pretokenize
     os.environ["MINIMIND_CACHE"] = env["MINIMIND_CACHE"]
-    windows = len(PackedWindows(pretokenize(train_path, tokenizer), args.max_seq_len))
-    procs = {}
-    for name, cmd in runs.items():
-        if "AUTO" in cmd:   # argparse keeps a flag's last value: the extra flags win
-            last = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
-            per_step = (round(int(last["--batch_tokens"]) / args.max_seq_len) if int(last.get("--batch_tokens", 0))
-                        else int(last["--batch_size"]) * int(last.get("--accumulation_steps", 1)))
-            cmd[cmd.index("AUTO")] = str(max(1, windows // per_step * args.epochs // args.snapshots))
-        log = open(os.path.join(work, name.replace(": ", "_").replace(" ", "_") + ".log"), "w")
-        procs[name] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), time.time(),
-                       log)
-        print(f"started {name}: {' '.join(cmd[1:])}", flush=True)
-    ends = {}
-    for name, (proc, t0, log) in procs.items():
-        rc = proc.wait()
-        ends[name] = time.time() - t0
-        log.close()
-        if rc:
-            raise SystemExit(f"error: {name} failed (exit {rc}); see {log.name}")
-        print(f"finished {name} in {ends[name]:.0f} s", flush=True)
+    packed = PackedWindows(pretokenize(train_path, tokenizer), args.max_seq_len)
+    windows = len(packed)
+    state = os.path.join(work, "runs.json")   # start and end times, so --score_only can score a finished run
+    if not args.score_only:
+        procs, starts, ends = {}, {}, {}
+        for name, cmd in runs.items():
+            if "AUTO" in cmd:   # argparse keeps a flag's last value: the extra flags win
+                last = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
+                bt, n_rows = int(last.get("--batch_tokens", -1)), int(last["--batch_size"])
+                if bt < 0:     # the default: --batch_size counts documents (train_pretrain.py)
+                    n_rows = packed.rows_for_documents(n_rows, tokenizer.eos_id)
+                per_step = round(bt / args.max_seq_len) if bt > 0 else n_rows * int(last.get("--accumulation_steps", 1))
+                cmd[cmd.index("AUTO")] = str(max(1, windows // per_step * args.epochs // args.snapshots))
+            log = open(os.path.join(work, name.replace(": ", "_").replace(" ", "_") + ".log"), "w")
+            procs[name] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log)
+            starts[name] = time.time()
+            print(f"started {name}: {' '.join(cmd[1:])}", flush=True)
+        while len(ends) < len(procs):    # poll: each run's own end time, whichever finishes first
+            for name, (proc, log) in procs.items():
+                if name not in ends and proc.poll() is not None:
+                    ends[name] = time.time() - starts[name]
+                    log.close()
+                    if proc.returncode:
+                        raise SystemExit(f"error: {name} failed (exit {proc.returncode}); see {log.name}")
+                    print(f"finished {name} in {ends[name]:.0f} s", flush=True)
+            time.sleep(1)
+        with open(state, "w") as f:
+            json.dump({"starts": starts, "ends": ends}, f)
+    if not os.path.isfile(state):
+        raise SystemExit(f"error: --score_only: {state} not found (run the benchmark first with the same --work)")
+    with open(state) as f:
+        saved = json.load(f)
+    starts, ends = saved["starts"], saved["ends"]
 
     # --- score every snapshot with one evaluator -------------------------------------------------------------
     curves = {}
-    for name, (proc, t0, log) in procs.items():
+    for name in runs:
+        t0 = starts[name]
         if name == "minimind":
             points = [(float(f[:-4]) - t0, os.path.join(snap, f)) for f in sorted(os.listdir(snap))]
         else:

@@ -55,9 +55,11 @@ def add_common_args(p: argparse.ArgumentParser, *, data_path: str, out_dir: str,
     g.add_argument("--time_budget", type=float, default=0,
                    help="minutes of training (0 = none): the schedule is laid out over the time, so the run stops on "
                         "its floor LR when the time is up (or at --epochs / --max_steps, if sooner)")
-    g.add_argument("--batch_tokens", type=int, default=0,
-                   help="tokens per optimizer step, all ranks (0 = --batch_size x --accumulation_steps rows): sets "
-                        "--accumulation_steps, with --batch_size rows as the per-device micro-batch cap")
+    g.add_argument("--batch_tokens", type=int, default=-1,
+                   help="tokens per optimizer step, all ranks: sets --accumulation_steps, with --batch_size rows as "
+                        "the per-device micro-batch cap. -1 (default) = pretraining counts --batch_size in documents "
+                        "as MiniMind does (a micro-batch = that many documents' worth of packed windows, so MiniMind's "
+                        "flags give its steps per epoch), other stages in rows; 0 = --batch_size rows everywhere")
     g.add_argument("--warmup_iters", type=int, default=0, help="linear warm-up steps")
     g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
@@ -111,7 +113,7 @@ def apply_batch_tokens(args, world: int) -> None:
     A step then holds ~N token positions (--max_seq_len per row, padding included), whatever the device count:
     rows = N / (max_seq_len x world), split into ceil(rows / batch_size) micro-batches of equal size."""
     n = getattr(args, "batch_tokens", 0)
-    if not n:
+    if n <= 0:   # 0: --batch_size rows; -1: the same here (train_pretrain.py turns documents into windows)
         return
     per_row = args.max_seq_len * world
     if n < per_row:

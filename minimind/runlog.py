@@ -9,7 +9,6 @@ import json
 import os
 import time
 
-import numpy as np
 from tqdm import tqdm
 
 from .checkpoint import unwrap
@@ -139,19 +138,17 @@ def step_line(run) -> str:
     return " | ".join(line + [how])
 
 
-def packing_note(tokens: np.ndarray, eos_id: int, seq_len: int, batch_size: int) -> str:
-    """Pretraining: how many documents a packed window holds, and what MiniMind's --batch_size means next to ours.
+def packing_note(seq_len: int, batch_size: int, mean: float, rows: int, auto: bool) -> str:
+    """Pretraining: how many documents a packed window holds, and what --batch_size means next to MiniMind's.
 
     MiniMind pads each document to its own row, so its --batch_size B carries B documents' real tokens per step;
-    a packed window of ours carries seq_len real tokens, several documents. With short documents the same B is
-    then several times the tokens per step and as many times fewer steps per epoch (issue 11: 2.7x on poetry)."""
-    sample = np.asarray(tokens[:10_000_000])            # enough for the mean; reading all of a huge corpus is not
-    ends = np.flatnonzero(sample == eos_id)
-    if len(ends) == 0:
+    a packed window of ours carries seq_len real tokens, several short documents. By default (--batch_tokens -1) a
+    step is B documents' worth of windows, so MiniMind's flags give MiniMind's steps per epoch."""
+    if not mean:
         return "packing: no document ends in the first 10M tokens"
-    lengths = np.minimum(np.diff(ends, prepend=-1), seq_len)   # MiniMind's row: one document, cut at seq_len
-    mean = float(lengths.mean())
-    rows = max(1, round(batch_size * mean / seq_len))
-    return (f"packing: a {seq_len}-token window holds {seq_len / mean:.2f} documents (mean {mean:.0f} tokens, cut at "
-            f"{seq_len}); MiniMind's --batch_size {batch_size} carries ~{batch_size * mean:.0f} real tokens per step: "
-            f"for its number of steps per epoch use --batch_tokens {rows * seq_len}")
+    held = f"packing: a {seq_len}-token window holds {seq_len / mean:.2f} documents (mean {mean:.0f} tokens, cut at {seq_len})"
+    if auto:
+        return (f"{held}; --batch_size {batch_size} documents (as MiniMind counts them) = {rows} windows per "
+                f"micro-batch (--batch_tokens -1, the default; 0 = {batch_size} whole windows)")
+    return (f"{held}; MiniMind's --batch_size {batch_size} would carry ~{batch_size * mean:.0f} real tokens per step: "
+            f"--batch_tokens -1 (the default) gives its steps per epoch")

@@ -41,6 +41,33 @@ def test_packed_windows_tile_the_stream_without_gaps_or_padding(T):
     assert torch.equal(xs[0], x[n - 1]) and torch.equal(ys[1], y[0])
 
 
+def test_document_mask_scores_each_packed_document_as_if_it_were_alone():
+    """--doc_mask 1 (pretraining's default): a document inside a packed window gets the logits it gets alone from
+    position 0 (MiniMind's one-document row); without the mask its logits depend on the documents before it."""
+    from minimind.config import ModelConfig
+    from minimind.model import MiniMindForCausalLM
+    rng = np.random.default_rng(0)
+    bos, eos = 1, 2
+    docs = [[bos, *rng.integers(3, 300, size=n).tolist(), eos] for n in (5, 11, 3, 20)]
+    stream = np.array(sum(docs, []), dtype=np.uint16)
+    T = 24
+    w = PackedWindows(stream, T, bos_id=bos)
+    x, y, doc_ids = w.get([0])
+    assert doc_ids[0].tolist() == np.cumsum(stream[:T] == bos).tolist()   # a new id at every BOS
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(ModelConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                            num_key_value_heads=1)).eval()
+    start = len(docs[0])                       # the second document: tokens [start, start + len) of window 0
+    second = torch.tensor([docs[1]])
+    with torch.no_grad():
+        alone = model(second)
+        masked = model(x, doc_ids=doc_ids)[:, start:start + len(docs[1])]
+        plain = model(x)[:, start:start + len(docs[1])]
+    torch.testing.assert_close(masked, alone, atol=1e-5, rtol=1e-5)
+    assert (plain - alone).abs().max() > 1e-3
+    assert len(PackedWindows(stream, T).get([0])) == 2   # without bos_id: (x, y) only
+
+
 def test_packed_windows_refuse_a_stream_shorter_than_one_window():
     with pytest.raises(DataError, match="max_seq_len"):
         PackedWindows(np.arange(10, dtype=np.uint16), 10)
