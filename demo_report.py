@@ -165,7 +165,7 @@ def main(argv=None):
     p.add_argument("out", help="the --out directory of bash train.sh (holds pretrain/, sft/, dpo/)")
     p.add_argument("--tiny", action="store_true", help="the run used the --tiny data (bash train.sh --quick)")
     p.add_argument("--seed", type=int, default=0, help="the data's seed (build_default.py --seed)")
-    p.add_argument("--max_new_tokens", type=int, default=64, help="longest reply, in tokens")
+    p.add_argument("--max_new_tokens", type=int, default=96, help="longest reply, in tokens")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:

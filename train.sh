@@ -74,8 +74,8 @@ if [[ $QUICK == 1 ]]; then
   SFT=(--max_steps 20 --batch_size 8 --max_seq_len 256 --learning_rate 1e-3)
   DPO=(--max_steps 5 --batch_size 4 --max_seq_len 256 --learning_rate 1e-5)
 elif [[ $DEMO == 1 ]]; then
-  PRE=(--epochs 3 --max_steps 330 --batch_size 16 --max_seq_len 256 --learning_rate 2e-3 --warmup_iters 20)
-  SFT=(--epochs 2 --max_steps 300 --batch_size 16 --max_seq_len 256 --learning_rate 1e-3 --warmup_iters 10)
+  PRE=(--epochs 3 --max_steps 1000 --batch_size 16 --max_seq_len 256 --learning_rate 1.5e-3 --warmup_iters 50)
+  SFT=(--epochs 3 --max_steps 300 --batch_size 16 --max_seq_len 256 --learning_rate 1e-3 --warmup_iters 10)
   DPO=(--epochs 1 --max_steps 60 --batch_size 8 --max_seq_len 256 --learning_rate 1e-5)
 else
   PRE=(--epochs 1 --batch_size 32 --max_seq_len 340 --learning_rate 5e-4 --warmup_iters 1000 --save_interval 1000)
