@@ -29,7 +29,7 @@ def main():
     p.add_argument("--doc_mask", type=int, default=1, choices=[0, 1],
                    help="1 = attention stays inside each document of a packed window and positions restart at each "
                         "one, as in MiniMind's one-document rows (poetry: held-out loss 0.037 bits/byte lower in the "
-                        "same steps, ~10%% slower per step on CPU); 0 = plain causal attention over the whole window")
+                        "same steps, no slower per step on a CPU); 0 = plain causal attention over the whole window")
     args = p.parse_args()
 
     # --- setup: device, precision, ranks (torchrun), threads, seeds -----------------------------------------

@@ -13,6 +13,8 @@ hits them alike, and ratios are against the first variant. Pseudo-flags for leve
   loss=plain     full logits + F.cross_entropy in fp32 instead of the fused chunked loss (minimind/loss.py)
   gc=1           gc.freeze() + gc.disable() around the hot loop (no garbage-collector pauses)
   prefetch=0     build batches inline on the main thread instead of the background Prefetcher
+  doc_mask=0     plain causal attention over each window (train_pretrain.py --doc_mask 0); the default, 1, keeps
+                 attention inside each document of the window, as train_pretrain.py does
 
 GFLOP/s = tokens/s x ModelConfig.flops_per_token(T) (6N + 12*L*d*T per token); MFU = that / peak FLOP/s. Peaks (dense bf16): H100 SXM 989e12 datasheet and
 787e12 measured ceiling (the issue's definition), H200 989e12 (datasheet), A100 312e12; CPU: n/a unless
@@ -50,7 +52,7 @@ from minimind.tokenizer import Tokenizer  # noqa: E402
 from minimind.train import build_model, configure_optimizer, lm_loss, lr_at, prepare_model, train_step  # noqa: E402
 
 PEAKS = {"H100": (989e12, 787e12), "H200": (989e12, None), "A100": (312e12, None)}  # (datasheet, measured)
-PSEUDO = {"loss": "fused", "gc": 0, "prefetch": 1}
+PSEUDO = {"loss": "fused", "gc": 0, "prefetch": 1, "doc_mask": 1}
 
 
 def peak_flops(device, override: float):
@@ -68,8 +70,8 @@ def peak_flops(device, override: float):
 
 def plain_loss(model, batch):
     """The unfused baseline: all (B, T, V) logits, upcast to fp32, then F.cross_entropy."""
-    x, y = batch
-    logits = model(x)
+    x, y, *doc_ids = batch
+    logits = model(x, doc_ids=doc_ids[0] if doc_ids else None)
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE), {}
 
 
@@ -96,6 +98,8 @@ class Runner:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.model.train()
         self.run_state = RunState(args, rt, self.model, self.optimizer, self.scaler, tokenizer)
+        if self.pseudo["doc_mask"]:   # train_pretrain.py's default: doc_ids with every batch
+            windows = PackedWindows(windows.tokens, windows.seq_len, bos_id=tokenizer.bos_id)
         self.sampler = Sampler(len(windows), args.batch_size, args.accumulation_steps, world, rank, seed=args.seed)
         spe = self.sampler.steps_per_epoch
         self.total = 10 ** 6

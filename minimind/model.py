@@ -292,14 +292,18 @@ class AttentionMask:
 
         doc_ids (B, T): which document (conversation) each token belongs to; runs of equal ids, -1 for padding.
         backend 'flex': a FlexAttention BlockMask (default on CUDA): the kernel skips tiles that are fully
-        masked, so attention costs ~sum(len_doc^2), not T^2. 'varlen': DocumentSegments (default elsewhere): the
-        same saving with plain SDPA calls, one per group of similar-length documents. 'sdpa': the reference, a
-        dense boolean mask (B, 1, T, T): simple and exact, but every one of the T^2 scores is computed; with
+        masked, so attention costs ~sum(len_doc^2), not T^2. 'varlen': DocumentSegments (default elsewhere beyond
+        512 tokens): the same saving with plain SDPA calls, one per group of similar-length documents. 'sdpa'
+        (default elsewhere up to 512 tokens): the reference, a dense boolean mask (B, 1, T, T): simple and
+        exact, but every one of the T^2 scores is computed; with
         `dtype`, its additive form (0 / -inf), which SDPA would otherwise rebuild in every layer.
         Build it once per batch; pair it with position_ids=document_positions(doc_ids).
         """
-        if backend == "auto":
-            backend = "flex" if doc_ids.is_cuda and flex_attention is not None else "varlen"
+        if backend == "auto":  # CUDA: FlexAttention. Elsewhere the dense mask up to 512 tokens: on a 2-core CPU at
+            # 256-512 tokens it ran as fast as no mask, where per-document SDPA calls cost 10-15%; at 768-1024 the
+            # per-document calls are as fast or faster (bench/README.md, dev/LOG.md)
+            backend = ("flex" if doc_ids.is_cuda and flex_attention is not None
+                       else "sdpa" if doc_ids.shape[1] <= 512 else "varlen")
         if backend == "varlen":
             return cls("documents", segments=DocumentSegments(doc_ids))
         B, T = doc_ids.shape
