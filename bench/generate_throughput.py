@@ -7,7 +7,8 @@
 Greedy decoding, random weights (speed does not depend on them), no stop id, so every row makes exactly
 --new_tokens tokens. Prefill is included in the time, as a user would see it. Runs are interleaved and the best of
 --repeats is kept, so background load hurts all columns alike. On CPU an extra row uses int8 weight-only
-quantization (minimind.generate.quantize_int8; the MiniMind column stays fp32).
+quantization (minimind.generate.quantize_int8; the MiniMind column stays fp32), and a first line prints the
+batch-1 bound: tokens/s if a token cost only its weight reads, at the rate matrix-vector products reach here.
 
 The side-by-side reference is MiniMind's own model file (github jingyaogong/minimind, model/model_minimind.py),
 kept out of the repo in .bench_ref/ (git-ignored; it needs `transformers`, a bench-only dependency). Both models
@@ -63,6 +64,27 @@ def race(runs: dict, device, repeats: int) -> dict:
             sync(device)
             best[name] = min(best[name], time.perf_counter() - t0)
     return best, outs
+
+
+def weight_read_bound(model, repeats: int = 10) -> tuple[float, float]:
+    """Batch-1 decoding reads every weight matrix once per token. The bound: the model's Linear weights (output
+    head included), each applied to one vector in model order, as decoding applies them -> (tokens/s, GB/s)
+    if a token cost nothing else. Measured this way, not by copying a tensor: it is the read rate the matrix-vector
+    kernel reaches on this machine (caches included)."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    xs = {m.in_features: torch.randn(1, m.in_features, dtype=m.weight.dtype, device=m.weight.device) for m in linears}
+
+    def one_token():
+        for m in linears:
+            torch.nn.functional.linear(xs[m.in_features], m.weight)
+    for _ in range(3):
+        one_token()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        one_token()
+    per_token = (time.perf_counter() - t0) / repeats
+    return 1 / per_token, nbytes / per_token / 1e9
 
 
 def ours(model, prompts, new_tokens, **kw):
@@ -143,6 +165,11 @@ def main():
         variants = {f"{str(dtype).replace('torch.', '')}": model}
         if device.type == "cpu" and not args.no_int8:
             variants["int8"] = quantize_int8(copy.deepcopy(model))
+        bound = None
+        if device.type == "cpu":
+            bound, rate_gb = weight_read_bound(model)
+            print(f"bound (batch 1, {str(dtype).replace('torch.', '')}): the model's weight matrices read at "
+                  f"{rate_gb:.1f} GB/s by matrix-vector products = {bound:.0f} tokens/s if a token cost nothing else")
         for bs in args.batch_sizes:
             g = torch.Generator().manual_seed(bs)
             prompts = torch.randint(3, cfg.vocab_size, (bs, args.prompt_len), generator=g).tolist()
@@ -158,8 +185,9 @@ def main():
                     # report how many rows agree on their first 32 tokens.
                     agree = sum(a[:32] == b[:32] for a, b in zip(outs[name], outs["MiniMind"]))
                     same = f"{agree}/{bs}"
+                share = f"  {rate[name] / bound:.0%} of the bound" if bound and bs == 1 and name != "int8" else ""
                 print(f"{device.type:6} {name:8} {bs:5d} {new_tokens:5d} {rate[name]:15.0f} {theirs:15.0f} "
-                      f"{rate[name] / theirs:6.2f} {same:>11}", flush=True)
+                      f"{rate[name] / theirs:6.2f} {same:>11}{share}", flush=True)
 
 
 if __name__ == "__main__":
