@@ -51,7 +51,7 @@ def main():
     # worth of packed windows, so MiniMind's flags give MiniMind's steps per epoch (--batch_tokens 0: whole windows)
     docs, mean = args.batch_size, windows.mean_document(tokenizer.eos_id)
     if args.batch_tokens < 0:
-        args.batch_size = windows.rows_for_documents(docs, tokenizer.eos_id)
+        args.batch_size = windows.rows_for_documents(docs, mean)
     n_val = holdout(len(windows), args.val_ratio, args.eval_interval > 0, min_val=args.batch_size)
     n_train = len(windows) - n_val  # the last n_val windows (the end of the corpus) are held out
     sampler = Sampler(n_train, args.batch_size, args.accumulation_steps, rt.world, rt.rank, seed=args.seed)
@@ -64,7 +64,7 @@ def main():
     start = resume(run)
     announce(run, f"data {n_train} windows of {args.max_seq_len} tokens (+{n_val} held out) | {steps} steps | "
              f"{args.batch_size * args.max_seq_len * args.accumulation_steps * rt.world} tokens/step",
-             packing_note(args.max_seq_len, docs, mean, args.batch_size, args.batch_tokens < 0))
+             packing_note(args.max_seq_len, docs, mean, args.batch_size, args.batch_tokens))
 
     # --- loop -----------------------------------------------------------------------------------------------
     schedule = lr_schedule(args)  # step -> learning rate (warm-up, then decay)

@@ -38,6 +38,8 @@ import sys
 import tempfile
 import time
 
+from tqdm import tqdm
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
@@ -149,6 +151,8 @@ def main():
     from minimind.tokenizer import Tokenizer
 
     # --- data: the first train_lines train, the next heldout_lines are held out ---------------------------------
+    if not os.path.isfile(args.data_path):
+        raise SystemExit(f"error: --data_path {args.data_path}: no such file (a JSONL of {{\"text\": ...}} lines)")
     with open(args.data_path, encoding="utf-8") as f:
         lines = [ln for _, ln in zip(range(args.train_lines + args.heldout_lines), f)]
     train, heldout = lines[:args.train_lines], lines[args.train_lines:]
@@ -203,7 +207,7 @@ def main():
                 last = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
                 bt, n_rows = int(last.get("--batch_tokens", -1)), int(last["--batch_size"])
                 if bt < 0:     # the default: --batch_size counts documents (train_pretrain.py)
-                    n_rows = packed.rows_for_documents(n_rows, tokenizer.eos_id)
+                    n_rows = packed.rows_for_documents(n_rows, packed.mean_document(tokenizer.eos_id))
                 per_step = round(bt / args.max_seq_len) if bt > 0 else n_rows * int(last.get("--accumulation_steps", 1))
                 cmd[cmd.index("AUTO")] = str(max(1, windows // per_step * args.epochs // args.snapshots))
             log = open(os.path.join(work, name.replace(": ", "_").replace(" ", "_") + ".log"), "w")
@@ -240,7 +244,8 @@ def main():
                       for d in sorted(os.listdir(ck)) if d.startswith("step_")] if os.path.isdir(ck) else []
             points.append((os.stat(os.path.join(out, "model.safetensors")).st_mtime - t0, out))
         shape = load_config(config) if name == "minimind" else None  # a .pth does not say its head count
-        curves[name] = [(t, bits_per_byte(load_model(path, config=shape), rows)) for t, path in sorted(points)]
+        curves[name] = [(t, bits_per_byte(load_model(path, config=shape), rows))
+                        for t, path in tqdm(sorted(points), desc=f"score {name}", unit="snapshot")]
 
     target = curves["minimind"][-1][1]
     t_mm = curves["minimind"][-1][0]

@@ -190,12 +190,11 @@ class PackedWindows:
         ends = np.flatnonzero(np.asarray(self.tokens[:10_000_000]) == eos_id)
         return float(np.minimum(np.diff(ends, prepend=-1), self.seq_len).mean()) if len(ends) else 0.0
 
-    def rows_for_documents(self, documents: int, eos_id: int) -> int:
-        """Windows that carry as many real tokens as `documents` of MiniMind's padded rows: its --batch_size counts
-        documents, and a packed window holds several short ones (poetry: 2.7), so the same number of windows
-        would be 2.7x the tokens and 2.7x fewer optimizer steps per epoch (issue 11)."""
-        mean = self.mean_document(eos_id) or self.seq_len
-        return max(1, min(documents, round(documents * mean / self.seq_len)))
+    def rows_for_documents(self, documents: int, mean: float) -> int:
+        """Windows that carry as many real tokens as `documents` of MiniMind's padded rows of `mean` tokens
+        (mean_document): its --batch_size counts documents, and a packed window holds several short ones (poetry:
+        2.7), so the same number of windows would be 2.7x the tokens and 2.7x fewer steps per epoch (issue 11)."""
+        return max(1, min(documents, round(documents * (mean or self.seq_len) / self.seq_len)))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,9 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import RUN_FILES, atomic_dir, load_config, load_model, save_model, unwrap, weights_file
-from .errors import CheckpointError
+from .errors import CheckpointError, UsageError
 from .jsonio import read_json_object
-from .errors import UsageError
 from .tokenizer import Tokenizer
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -138,17 +138,19 @@ def step_line(run) -> str:
     return " | ".join(line + [how])
 
 
-def packing_note(seq_len: int, batch_size: int, mean: float, rows: int, auto: bool) -> str:
+def packing_note(seq_len: int, batch_size: int, mean: float, rows: int, batch_tokens: int) -> str:
     """Pretraining: how many documents a packed window holds, and what --batch_size means next to MiniMind's.
 
     MiniMind pads each document to its own row, so its --batch_size B carries B documents' real tokens per step;
     a packed window of ours carries seq_len real tokens, several short documents. By default (--batch_tokens -1) a
-    step is B documents' worth of windows, so MiniMind's flags give MiniMind's steps per epoch."""
+    micro-batch is B documents' worth of windows, so MiniMind's flags give MiniMind's steps per epoch."""
     if not mean:
         return "packing: no document ends in the first 10M tokens"
     held = f"packing: a {seq_len}-token window holds {seq_len / mean:.2f} documents (mean {mean:.0f} tokens, cut at {seq_len})"
-    if auto:
+    if batch_tokens < 0:
         return (f"{held}; --batch_size {batch_size} documents (as MiniMind counts them) = {rows} windows per "
                 f"micro-batch (--batch_tokens -1, the default; 0 = {batch_size} whole windows)")
+    if batch_tokens > 0:
+        return f"{held}; --batch_tokens {batch_tokens} sets the step"
     return (f"{held}; MiniMind's --batch_size {batch_size} would carry ~{batch_size * mean:.0f} real tokens per step: "
             f"--batch_tokens -1 (the default) gives its steps per epoch")

@@ -56,27 +56,29 @@ STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 # ---------------------------------------------------------------------------------------------------------------
 # Request schema (OpenAI's fields; strict types, so a string where a number belongs is a 400, not a guess)
 # ---------------------------------------------------------------------------------------------------------------
-class TextPart(BaseModel):
+class Strict(BaseModel):
+    """Every request object: strict types (a string where a number belongs is a 400, not a guess); fields we do
+    not use are ignored, as OpenAI clients send many."""
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class FunctionCall(Strict):
     name: str = Field(min_length=1)
     arguments: str                       # JSON text of an object, as OpenAI sends it
 
 
-class ToolCall(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class ToolCall(Strict):
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     tool_calls: list[ToolCall] | None = None      # assistant turns that called tools (content may be null)
@@ -100,39 +102,33 @@ class ChatMessage(BaseModel):
         return m
 
 
-class FunctionDef(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class FunctionDef(Strict):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")   # OpenAI's rule
     description: str | None = None
     parameters: dict[str, Any] | None = None
 
 
-class ToolDef(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class ToolDef(Strict):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class NamedFunction(Strict):
     name: str
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class NamedToolChoice(Strict):
     type: Literal["function"]
     function: NamedFunction
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(Strict):
     """Fields we do not use (logprobs, user, parallel_tool_calls, ...) are ignored, as long as the JSON is an
     object."""
-    model_config = ConfigDict(strict=True, extra="ignore")
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)

@@ -75,11 +75,11 @@ def test_batch_size_counts_documents_as_minimind_does():
     short = [bos, *range(3, 11), eos]                      # 10 tokens: 4 per 40-token window
     w = PackedWindows(np.array(short * 100, dtype=np.uint16), 40)
     assert w.mean_document(eos) == 10.0
-    assert w.rows_for_documents(16, eos) == 4              # 16 documents = 160 tokens = 4 windows
-    assert w.rows_for_documents(1, eos) == 1               # never below one window
+    assert w.rows_for_documents(16, w.mean_document(eos)) == 4   # 16 documents = 160 tokens = 4 windows
+    assert w.rows_for_documents(1, 10.0) == 1                   # never below one window
     long = [bos, *([5] * 98), eos]                         # 100 tokens, longer than the window: cut at 40
     w = PackedWindows(np.array(long * 20, dtype=np.uint16), 40)
-    assert w.mean_document(eos) == 40.0 and w.rows_for_documents(16, eos) == 16   # long documents: B windows
+    assert w.mean_document(eos) == 40.0 and w.rows_for_documents(16, 40.0) == 16  # long documents: B windows
 
 
 def test_packed_windows_refuse_a_stream_shorter_than_one_window():
