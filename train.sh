@@ -78,7 +78,7 @@ elif [[ $DEMO == 1 ]]; then
   SFT=(--epochs 3 --max_steps 300 --batch_size 16 --max_seq_len 256 --learning_rate 1e-3 --warmup_iters 10)
   DPO=(--epochs 1 --max_steps 60 --batch_size 8 --max_seq_len 256 --learning_rate 1e-5)
 else
-  PRE=(--epochs 1 --batch_size 32 --max_seq_len 340 --learning_rate 5e-4 --warmup_iters 1000 --save_interval 1000)
+  PRE=(--epochs 1 --batch_size 32 --max_seq_len 340 --warmup_iters 1000 --save_interval 1000)   # LR: the preset's
   SFT=(--epochs 2 --batch_size 16 --max_seq_len 512 --learning_rate 5e-5 --warmup_iters 100 --save_interval 1000)
   DPO=(--epochs 1 --batch_size 4 --max_seq_len 1024 --learning_rate 1e-6 --save_interval 1000)
 fi

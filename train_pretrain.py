@@ -12,6 +12,7 @@ import torch
 
 from minimind import DEFAULT_TOKENIZER, cli, runtime
 from minimind.checkpoint import unwrap
+from minimind.config import pretrain_lr
 from minimind.data import PackedWindows, Sampler, batches_over, holdout, pretokenize, step_batches
 from minimind.flags import add_common_args
 from minimind.resume import RunState, resume, run_fingerprint
@@ -25,12 +26,15 @@ def main():
     # --- args -----------------------------------------------------------------------------------------------
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(p, data_path="dataset/default/pretrain.jsonl", out_dir="out/pretrain", from_weight="none",
-                    epochs=1, batch_size=32, learning_rate=5e-4, max_seq_len=340)
+                    epochs=1, batch_size=32, learning_rate=None, max_seq_len=340)
     p.add_argument("--doc_mask", type=int, default=1, choices=[0, 1],
                    help="1 = attention stays inside each document of a packed window and positions restart at each "
                         "one, as in MiniMind's one-document rows (poetry: held-out loss 0.037 bits/byte lower in the "
                         "same steps, no slower per step on a CPU); 0 = plain causal attention over the whole window")
     args = p.parse_args()
+    if args.learning_rate is None:  # the preset's own (config.py says how each was chosen); a --config shape: 5e-4
+        from_preset = args.config is None and args.from_weight == "none"
+        args.learning_rate = pretrain_lr(args.preset if from_preset else None)
 
     # --- setup: device, precision, ranks (torchrun), threads, seeds -----------------------------------------
     rt = runtime.start(args.device, args.dtype, args.num_threads, args.seed)

@@ -115,6 +115,23 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Pretraining's peak learning rate when --learning_rate is not given (AdamW, the default --batch_size of 32
+# documents, cosine). How each was chosen (dev/LOG.md, "learning rate per preset"):
+#   tiny: a sweep on a 2-core CPU, one epoch of 8,000 zh_poetry lines (MiniMind's tokenizer, 236 steps of ~4,000
+#         tokens), held-out loss after the epoch: 5e-4 4.339, 1e-3 4.282, 2e-3 4.381 (a parabola
+#         in log LR through the three has its minimum at 0.9e-3).
+#   the rest: MiniMind's 5e-4, which its authors use for these shapes at the same tokens per step (32 rows of up
+#         to 340 tokens); not swept here (no GPU). Wider models want a smaller AdamW step, not a larger one.
+PRETRAIN_LR: dict[str, float] = {"tiny": 1e-3, "26M": 5e-4, "64M": 5e-4, "104M": 5e-4, "moe": 5e-4,
+                                 "qwen2.5-0.5b": 5e-4}
+FALLBACK_PRETRAIN_LR = 5e-4   # a shape from --config / --from_weight: MiniMind's default
+
+
+def pretrain_lr(preset_name: str | None) -> float:
+    """The default peak LR of pretraining for a preset (None: a shape given some other way)."""
+    return PRETRAIN_LR.get(preset_name, FALLBACK_PRETRAIN_LR) if preset_name else FALLBACK_PRETRAIN_LR
+
+
 def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")

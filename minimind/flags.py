@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from .config import PRESETS
+from .config import PRESETS, PRETRAIN_LR
 from .data import REASONING
 from .formats import add_format_args
 from .errors import UsageError
@@ -16,7 +16,8 @@ from .runtime import DTYPES
 
 
 def add_common_args(p: argparse.ArgumentParser, *, data_path: str, out_dir: str, from_weight: str, epochs: int,
-                    batch_size: int, learning_rate: float, max_seq_len: int) -> None:
+                    batch_size: int, learning_rate: float | None, max_seq_len: int) -> None:
+    """learning_rate None: the script picks a default after parsing (pretraining: per --preset, config.pretrain_lr)."""
     g = p.add_argument_group("data and output")
     g.add_argument("--data_path", default=data_path, help="JSONL training file (MiniMind format)")
     g.add_argument("--out_dir", default=out_dir, help="output model directory (config.json, model.safetensors, tokenizer)")
@@ -40,7 +41,10 @@ def add_common_args(p: argparse.ArgumentParser, *, data_path: str, out_dir: str,
     g.add_argument("--batch_size", type=int, default=batch_size, help="micro-batch size per device")
     g.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--max_seq_len", type=int, default=max_seq_len, help="tokens per training sequence")
-    g.add_argument("--learning_rate", type=float, default=learning_rate, help="peak learning rate")
+    g.add_argument("--learning_rate", type=float, default=learning_rate,
+                   help="peak learning rate" + (" (default: the --preset's, minimind/config.py PRETRAIN_LR: tiny "
+                                                f"{PRETRAIN_LR['tiny']:g}, larger presets {PRETRAIN_LR['26M']:g})"
+                                                if learning_rate is None else ""))
     g.add_argument("--min_lr_ratio", type=float, default=0.1, help="the schedule ends at learning_rate * this")
     g.add_argument("--lr_schedule", default="cosine", choices=SCHEDULES,
                    help="after warm-up: cosine = decay all the way; wsd = warmup-stable-decay: hold the peak, then "

@@ -132,7 +132,7 @@ def step_line(run) -> str:
             f"{s.steps_per_epoch} steps/epoch"]
     opt = getattr(args, "optimizer", "adamw")
     how = f"{opt} (muon_lr {args.muon_lr:g})" if opt == "muon" else opt
-    how += f", {getattr(args, 'lr_schedule', 'cosine')} LR"
+    how += f", {getattr(args, 'lr_schedule', 'cosine')} LR (peak {args.learning_rate:g})"
     if getattr(args, "time_budget", 0):
         how += f" over a {args.time_budget:g}-minute budget"
     return " | ".join(line + [how])

@@ -356,3 +356,19 @@ def test_sft_cli_trains_on_good_data(tmp_path, capsys, monkeypatch, tiny_model_d
                                                           *common_flags(out_dir)], capsys, monkeypatch)
     assert code == 0, err
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out_dir))
+
+
+@pytest.mark.parametrize("flags,peak", [([], "0.001"),                                  # tiny preset's own default
+                                        (["--preset", "26M", "--num_hidden_layers", 1], "0.0005"),
+                                        (["--learning_rate", "3e-3"], "0.003")])       # given: kept
+def test_pretrain_learning_rate_defaults_per_preset(flags, peak, tmp_path, capsys, monkeypatch):
+    """No --learning_rate: pretraining takes the preset's (config.PRETRAIN_LR: tiny 1e-3 from a sweep, larger presets
+    MiniMind's 5e-4); the step line says which peak the run uses."""
+    monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "cache"))
+    path = write_jsonl(tmp_path / "pre.jsonl", [{"text": f"document number {i}, some words."} for i in range(40)])
+    out_dir = str(tmp_path / "out")
+    code, out, err = run_in_process("train_pretrain.py", ["--data_path", path, *flags, *common_flags(out_dir)],
+                                    capsys, monkeypatch)
+    assert code in (0, None), err
+    step = [ln for ln in out.splitlines() if ln.startswith("step:")]
+    assert len(step) == 1 and f"cosine LR (peak {peak})" in step[0], out
