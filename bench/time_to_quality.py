@@ -7,6 +7,8 @@ snapshot on held-out text in bits per byte; printed: when each run reached MiniM
         --data_path ../shared/data/pretrain/zh_poetry.train.jsonl --train_lines 8000 --heldout_lines 500 \\
         --ours "same flags:" "batch 6:--batch_size 6" "muon:--optimizer muon --batch_size 6"
     python bench/time_to_quality.py --minimind_repo ... --smoke        # a few steps of each, to see it work
+    python bench/time_to_quality.py ... --no_minimind --target_bpb 2.671 --ours "a:" "b:--learning_rate 1e-3"
+                                                    # ours only (a sweep), timed to a loss known from an earlier run
 
 What runs (each its own process, all started together, --threads CPU threads each):
   minimind   MiniMind's trainer/train_pretrain.py, unmodified, run from its clone with MiniMind's user flags
@@ -135,6 +137,10 @@ def main():
     p.add_argument("--work", default=None, help="folder for data, runs and snapshots (default: a temp dir)")
     p.add_argument("--score_only", action="store_true",
                    help="score the snapshots of a finished run in --work again (no training)")
+    p.add_argument("--no_minimind", action="store_true",
+                   help="run and score ours only (e.g. a learning-rate sweep); --target_bpb stands in for MiniMind's "
+                        "final loss (its training is deterministic: an earlier run's figure holds)")
+    p.add_argument("--target_bpb", type=float, default=None, help="with --no_minimind: the loss to time runs to")
     p.add_argument("--smoke", action="store_true", help="tiny: 200 lines, d64 L2, seq 64 (checks it works)")
     args = p.parse_args()
     if args.smoke:
@@ -183,7 +189,8 @@ def main():
            *map(str, flags + shape), "--accumulation_steps", "1", "--device", "cpu", "--num_workers", "0",
            "--save_dir", mm_out, "--data_path", train_path, "--log_interval", str(max(1, minimind_steps // 20)),
            "--save_interval", str(max(1, minimind_steps // args.snapshots))]
-    runs["minimind"] = cmd
+    if not args.no_minimind:
+        runs["minimind"] = cmd
     for spec in args.ours:
         name, _, extra = spec.partition(":")
         out = os.path.join(work, "ours_" + "".join(c if c.isalnum() else "_" for c in name))
@@ -247,19 +254,20 @@ def main():
         curves[name] = [(t, bits_per_byte(load_model(path, config=shape), rows))
                         for t, path in tqdm(sorted(points), desc=f"score {name}", unit="snapshot")]
 
-    target = curves["minimind"][-1][1]
-    t_mm = curves["minimind"][-1][0]
+    # the loss to reach: MiniMind's final held-out loss (or --target_bpb); t_mm: when MiniMind finished
+    target, t_mm = curves["minimind"][-1][::-1] if "minimind" in curves else (args.target_bpb, None)
     print(f"\nheld-out: {len(rows)} documents, {sum(b for _, b in rows)} bytes | shape d{args.hidden_size} "
           f"L{args.num_hidden_layers} | flags batch {args.batch_size} seq {args.max_seq_len} lr {args.learning_rate} "
           f"epochs {args.epochs} | {args.threads} thread(s) each, all runs at once | work {work}")
     print(f"{'run':<28}{'wall s':>8}{'final bpb':>11}{'reaches MiniMind final at':>27}{'time ratio':>12}"
           f"{'bpb at MiniMind end':>21}")
     for name, curve in curves.items():
-        reach = next((t for t, b in curve if b <= target), None)
-        at_end = [b for t, b in curve if t <= t_mm] or [curve[0][1]]
+        reach = next((t for t, b in curve if b <= target), None) if target is not None else None
+        at_end = ([b for t, b in curve if t <= t_mm] or [curve[0][1]]) if t_mm else [None]
         print(f"{name:<28}{ends[name]:>8.0f}{curve[-1][1]:>11.4f}"
-              f"{(f'{reach:.0f} s' if reach is not None else 'not reached'):>27}"
-              f"{(f'{t_mm / reach:.2f}x' if reach else '-'):>12}{at_end[-1]:>21.4f}")
+              f"{(f'{reach:.0f} s' if reach is not None else 'not reached' if target else '-'):>27}"
+              f"{(f'{t_mm / reach:.2f}x' if reach and t_mm else '-'):>12}"
+              f"{(f'{at_end[-1]:.4f}' if at_end[-1] is not None else '-'):>21}")
     print("\ncurves (wall s, bits/byte):")
     for name, curve in curves.items():
         print(f"  {name}: " + ", ".join(f"({t:.0f}, {b:.3f})" for t, b in curve))
