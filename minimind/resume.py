@@ -37,6 +37,7 @@ class RunState:
     tokenizer: Tokenizer
     sampler: object = None          # data.Sampler: the batch layout, mapped onto the data position on resume
     fingerprint: dict | None = None  # run_fingerprint(): what must not change between a checkpoint and a resume
+    tokens: int = 0                  # input positions trained on so far, all ranks (metrics.jsonl's `tokens`)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -45,7 +46,8 @@ class RunState:
 # OUT_DIR/checkpoints/step_000120/ is a complete model directory (load_model and eval_model.py read it) plus:
 #   optimizer.pt        optimizer and loss-scaler state (torch.save; loaded with weights_only=True)
 #   rng.pt              every random stream (python, numpy, torch CPU, CUDA) of every rank
-#   trainer_state.json  step, epoch, samples consumed, batch layout and the run's fingerprint (human-readable)
+#   trainer_state.json  step, epoch, samples and tokens consumed, batch layout and the run's fingerprint
+#                       (human-readable)
 # Each one is written into a temp dir and renamed (atomic_dir): a crash mid-save leaves the previous ones intact.
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -222,7 +224,7 @@ def save_checkpoint(run: RunState, step: int) -> str:
         state = {"step": step, "epoch": step // sampler.steps_per_epoch,
                  "samples_into_epoch": (step % sampler.steps_per_epoch) * per_step,
                  "steps_per_epoch": sampler.steps_per_epoch, "samples_per_step": per_step, "world_size": rt.world,
-                 "fingerprint": run.fingerprint, "flags": {k: v for k, v in vars(args).items()
+                 "tokens": run.tokens, "fingerprint": run.fingerprint, "flags": {k: v for k, v in vars(args).items()
                                                            if isinstance(v, (int, float, str, bool, type(None)))},
                  "torch_version": torch.__version__, "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
         save_training_checkpoint(args.out_dir, step, unwrap(run.model).config, weights, run.tokenizer, optim, rngs,
@@ -281,6 +283,7 @@ def resume(run: RunState) -> int:
         run.scaler.load_state_dict(ck["optimizer"]["scaler"])
     rngs = ck["rng"]
     set_rng_state(rngs[rt.rank] if rt.rank < len(rngs) else rngs[0])
+    run.tokens = state.get("tokens", 0)   # the count goes on (checkpoints from before it was saved: from 0)
 
     # The data cursor: same layout -> the same step; another rank count or batch -> the same number of samples.
     step, per_step_now = state["step"], sampler.b * sampler.accum * sampler.world

@@ -290,7 +290,7 @@ class RunControl:
         self.guard = FiniteGuard(run.rt.device, check_grad=not run.scaler.is_enabled())  # nothing bad is saved
         self.stop = StopRequest()                                                       # SIGTERM: save, exit
         self.log = RunLog(run.args, steps, start=start, enabled=run.rt.main, desc=desc)
-        self.last_saved, self.stopping, self.tokens = None, False, 0
+        self.last_saved, self.stopping = None, False
         self.clock, self.out_of_time = TimeBudget(run.args, start, self.world), False  # --time_budget
         for g in run.optimizer.param_groups:  # a resumed optimizer keeps the saved ratio; the flags now must win
             if g.get("muon") and getattr(run.args, "muon_lr", None):
@@ -311,13 +311,14 @@ class RunControl:
     def step_done(self, step: int, out: StepResult) -> bool:
         """Bookkeeping after optimizer step `step`: log, evaluate and checkpoint when due. True = leave the loop."""
         self.guard.update(step, out.loss, out.grad_norm)   # on the device: no host sync
-        self.done, self.tokens = step + 1, self.tokens + out.tokens  # a checkpoint named step_N resumes at step N
+        self.done = step + 1                  # a checkpoint named step_N resumes at step N
+        self.run.tokens += out.tokens         # on RunState: checkpoints save it, so a resumed run counts on
         self.out_of_time, self.last_lr = self.clock.tick(self.done), out.lr
         done, last, args = self.done, self.done == self.steps or self.out_of_time, self.args
         self.log.update()
         if step % args.log_interval == 0 or last:  # .item() waits for the GPU: only now and then
             self.check()
-            self.log.log(step, loss=out.loss.item(), lr=out.lr, grad_norm=out.grad_norm.item(), tokens=self.tokens,
+            self.log.log(step, loss=out.loss.item(), lr=out.lr, grad_norm=out.grad_norm.item(), tokens=self.run.tokens,
                          **{k: v.item() for k, v in out.metrics.items()})
         if self.validate and args.eval_interval and (done % args.eval_interval == 0 or last):
             self.log.log(step, val_loss=self.validate())

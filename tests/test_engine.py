@@ -87,6 +87,12 @@ def assert_identical(a: Path, b: Path) -> None:
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
 
 
+def last_tokens(out: Path) -> int:
+    """metrics.jsonl's `tokens` on the last training-loss line: input positions trained on since step 0."""
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [m for m in lines if "tokens" in m][-1]["tokens"]
+
+
 def ckpt(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step_{step:06d}"
 
@@ -148,6 +154,8 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes_exactly(corpus, reference,
         assert r.returncode == 0, r.stderr
         assert resumed_step(r.stdout) == stopped_at
         assert_identical(out, reference)
+        # the token count rides in trainer_state.json: the resumed run goes on counting, it does not restart at 0
+        assert last_tokens(out) == last_tokens(reference) > 0
 
 
 @pytest.mark.slow
