@@ -74,15 +74,15 @@ def weight_read_bound(model, repeats: int = 10) -> tuple[float, float]:
     (Int8Linear.forward), so its bound says what that kernel allows, whatever the bytes."""
     mats = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
     nbytes = sum(m.weight.numel() * m.weight.element_size() for m in mats)
-    x_dtype = next(model.parameters(), torch.empty(0)).dtype
-    xs = {m.in_features: torch.randn(1, m.in_features, dtype=x_dtype) for m in mats}
+    p = next(model.parameters())    # the activations' dtype and device (an int8 model keeps fp32 norms/embeddings)
+    xs = {m.in_features: torch.randn(1, m.in_features, dtype=p.dtype, device=p.device) for m in mats}
 
     def one_token():
         for m in mats:
             if isinstance(m, Int8Linear):
                 m(xs[m.in_features])
             else:
-                torch.nn.functional.linear(xs[m.in_features].to(m.weight.device), m.weight)
+                torch.nn.functional.linear(xs[m.in_features], m.weight)
     for _ in range(3):
         one_token()
     t0 = time.perf_counter()

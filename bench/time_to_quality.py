@@ -143,6 +143,8 @@ def main():
     p.add_argument("--target_bpb", type=float, default=None, help="with --no_minimind: the loss to time runs to")
     p.add_argument("--smoke", action="store_true", help="tiny: 200 lines, d64 L2, seq 64 (checks it works)")
     args = p.parse_args()
+    if args.target_bpb is not None and not args.no_minimind:
+        raise SystemExit("error: --target_bpb goes with --no_minimind (when MiniMind runs, its final loss is the target)")
     if args.smoke:
         args.train_lines, args.heldout_lines, args.hidden_size, args.num_hidden_layers = 200, 20, 64, 2
         args.batch_size, args.max_seq_len, args.snapshots = 4, 64, 2
@@ -254,8 +256,11 @@ def main():
         curves[name] = [(t, bits_per_byte(load_model(path, config=shape), rows))
                         for t, path in tqdm(sorted(points), desc=f"score {name}", unit="snapshot")]
 
-    # the loss to reach: MiniMind's final held-out loss (or --target_bpb); t_mm: when MiniMind finished
-    target, t_mm = curves["minimind"][-1][::-1] if "minimind" in curves else (args.target_bpb, None)
+    # the loss to reach: MiniMind's final held-out loss (or --target_bpb); t_mm: when MiniMind finished (or None)
+    if "minimind" in curves:
+        t_mm, target = curves["minimind"][-1]
+    else:
+        t_mm, target = None, args.target_bpb
     print(f"\nheld-out: {len(rows)} documents, {sum(b for _, b in rows)} bytes | shape d{args.hidden_size} "
           f"L{args.num_hidden_layers} | flags batch {args.batch_size} seq {args.max_seq_len} lr {args.learning_rate} "
           f"epochs {args.epochs} | {args.threads} thread(s) each, all runs at once | work {work}")

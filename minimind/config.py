@@ -129,7 +129,7 @@ FALLBACK_PRETRAIN_LR = 5e-4   # a shape from --config / --from_weight: MiniMind'
 
 def pretrain_lr(preset_name: str | None) -> float:
     """The default peak LR of pretraining for a preset (None: a shape given some other way)."""
-    return PRETRAIN_LR.get(preset_name, FALLBACK_PRETRAIN_LR) if preset_name else FALLBACK_PRETRAIN_LR
+    return PRETRAIN_LR.get(preset_name, FALLBACK_PRETRAIN_LR)
 
 
 def preset(name: str, **overrides) -> ModelConfig:
